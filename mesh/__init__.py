@@ -1,0 +1,1 @@
+"""What the node agent and the waypoint share: identity, HBONE, the config model, the lab."""

@@ -1,0 +1,1 @@
+"""The waypoint: the L7 proxy."""
