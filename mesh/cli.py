@@ -1,0 +1,158 @@
+"""The `nodemesh` command.
+
+Subcommand groups of other parts (the agent's `redirect`, `agent`, the waypoint, ...) are found through the
+`nodemesh.commands` entry-point group, so this module never imports `agent` or `waypoint`: dependencies
+keep pointing from them to `mesh`, not back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from importlib.resources import files
+from typing import Any
+
+from mesh.lab import Lab, LabError, TopologyError, down_all, list_labs, load_topology
+
+USER_ERRORS: tuple[type[BaseException], ...] = (TopologyError, LabError, LookupError, PermissionError)
+
+
+def _default_lab_name() -> str:
+    return os.environ.get("NODEMESH_LAB", "default")
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionError("this command needs root (it creates network namespaces)")
+
+
+def _print_lab(lab: Lab) -> None:
+    s = lab.state
+    print(f"lab {s.name}: fabric {s.fabric_cidr} in netns {s.fabric_netns}")
+    for n in s.nodes:
+        print(f"  node {n.name:<12} fabric {n.fabric_ip:<15} pods {n.pod_cidr:<18} netns {n.netns}")
+        for p in s.pods:
+            if p.node == n.name:
+                print(
+                    f"    pod {p.namespace}/{p.name:<16} ip {p.ip:<15} sa {p.service_account:<12} netns {p.netns}"
+                )
+    for svc in s.services:
+        ports = ",".join(f"{p['port']}->{p['targetPort']}" for p in svc.ports)
+        print(f"  service {svc.namespace}/{svc.name:<12} vip {svc.vip:<15} ports {ports}")
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    _require_root()
+    source = args.file or str(files("mesh.lab") / "default.yaml")
+    topo = load_topology(source)
+    lab = Lab.up(topo, name=args.name)
+    _print_lab(lab)
+    return 0
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    lab = Lab.attach(args.name)
+    if args.json:
+        print(json.dumps(lab.state.to_json(), indent=2))
+    else:
+        _print_lab(lab)
+    return 0
+
+
+def cmd_lab_list(args: argparse.Namespace) -> int:
+    for name in list_labs():
+        print(name)
+    return 0
+
+
+def cmd_lab_exec(args: argparse.Namespace) -> int:
+    _require_root()
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise LabError("lab exec: give a command after the pod name, e.g. lab exec client -- ping -c1 10.244.2.2")
+    lab = Lab.attach(args.name)
+    return lab.exec(args.target, cmd).returncode
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    _require_root()
+    removed = down_all() if args.all else Lab.attach(args.name).down()
+    print(f"removed {len(removed)} network namespaces")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _require_root()
+    from mesh.lab.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nodemesh", description="An ambient-style service mesh.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lab = sub.add_parser("lab", help="a multi-node cluster of network namespaces on this machine")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    name_kw: dict[str, Any] = {"default": _default_lab_name(), "help": "lab name (env NODEMESH_LAB)"}
+
+    p = lab_sub.add_parser("up", help="build a lab from a topology file (default: the embedded one)")
+    p.add_argument("file", nargs="?", help="topology YAML (see docs/lab.md)")
+    p.add_argument("--name", **name_kw)
+    p.set_defaults(func=cmd_lab_up)
+
+    p = lab_sub.add_parser("status", help="nodes, pods, IPs and netns names of a lab")
+    p.add_argument("--name", **name_kw)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lab_status)
+
+    p = lab_sub.add_parser("list", help="the labs that exist")
+    p.set_defaults(func=cmd_lab_list)
+
+    p = lab_sub.add_parser("exec", help="run a command in a pod's (or node's) network namespace")
+    p.add_argument("--name", **name_kw)
+    p.add_argument("target", help="pod or node name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_lab_exec)
+
+    p = lab_sub.add_parser("down", help="remove a lab, or with --all every lab this tool created")
+    p.add_argument("--name", **name_kw)
+    p.add_argument("--all", action="store_true", help="every nm- namespace and lab state file")
+    p.set_defaults(func=cmd_lab_down)
+
+    p = sub.add_parser("demo", help="the embedded demo: bring up a lab, show traffic, tear it down")
+    p.set_defaults(func=cmd_demo)
+
+    for ep in sorted(entry_points(group="nodemesh.commands"), key=lambda e: e.name):
+        register: Callable[[Any], None] = ep.load()
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        rc = args.func(args)
+    except USER_ERRORS as e:
+        print(f"nodemesh: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
