@@ -83,3 +83,6 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$want" ]; then
 fi
 
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null || die "bcc does not import in $VENV"
+
+# kubectl (with its built-in kustomize) renders the manifests in the tests; this machine image ships it.
+command -v kubectl >/dev/null || echo "nodemesh setup: warning: kubectl not found; the manifest tests will fail" >&2
