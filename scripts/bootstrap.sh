@@ -16,6 +16,7 @@ command -v apt-get >/dev/null || die "apt-get not found: a Debian 12 machine is 
 APT_PACKAGES=(
   python3-bpfcc bpftool iproute2 nftables iputils-ping tcpdump procps
   stunnel4 nghttp2-proxy tinyproxy haproxy nginx-light wrk nodejs
+  golang-cfssl
 )
 
 missing=()
