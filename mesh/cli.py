@@ -132,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     for ep in sorted(entry_points(group="nodemesh.commands"), key=lambda e: e.name):
-        register: Callable[[Any], None] = ep.load()
+        try:
+            register: Callable[[Any], None] = ep.load()
+        except ImportError as e:
+            # One broken part must not take the other commands (lab down, above all) with it.
+            print(f"nodemesh: command group {ep.name!r} unavailable: {e}", file=sys.stderr)
+            continue
         register(sub)
     return parser
 
