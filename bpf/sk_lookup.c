@@ -69,7 +69,8 @@
 #define CNT_PASS_NODE 2   // inbound from a node address, left to the application
 #define CNT_PASS_PORT 3   // inbound to an excluded port, left to the application
 #define CNT_NO_LISTENER 4 // refused: the agent's listener is missing
-#define CNT_MAX 5
+#define CNT_PASS_AGENT 5  // the agent's own connection to the application, client address kept
+#define CNT_MAX 6
 
 struct pod_cfg {
     __u32 flags; // reserved, 0; presence of the entry is what marks a pod as managed
@@ -98,6 +99,18 @@ struct counter_key {
     __u32 which;
 };
 
+// The agent connects to the application with the *client's* address as source (IP_TRANSPARENT), so
+// the app sees who really called. Such a SYN looks exactly like an inbound connection from that client
+// (same addresses, same interface; sk_lookup sees no socket mark), so the agent announces each one here
+// between bind() and connect(), and deletes the entry once connected. LRU: an agent that dies between
+// the two cannot leak entries.
+struct agent_conn_key {
+    __u32 pod_ip;      // network byte order
+    __u32 remote_ip;   // network byte order: the client address the agent's socket carries
+    __u16 remote_port; // host byte order: the port the agent's socket was bound to
+    __u16 local_port;  // host byte order: the application's port
+};
+
 BPF_HASH(pods, __u32, struct pod_cfg, MAX_PODS);
 BPF_HASH(in_excluded, struct port_key, __u8, MAX_PORT_EXCLUSIONS);
 BPF_LPM_TRIE(node_srcs, struct node_key, __u8, MAX_NODE_PREFIXES);
@@ -105,6 +118,7 @@ BPF_LPM_TRIE(node_srcs, struct node_key, __u8, MAX_NODE_PREFIXES);
 // the agent's listening sockets; an entry vanishes by itself when its socket closes.
 BPF_TABLE("sockhash", struct listener_key, __u64, listeners, MAX_PODS * 3);
 BPF_PERCPU_HASH(counters, struct counter_key, __u64, MAX_PODS * CNT_MAX);
+BPF_TABLE("lru_hash", struct agent_conn_key, __u8, agent_conns, 65536);
 
 static __always_inline void count(__u32 pod_ip, __u32 which)
 {
@@ -172,6 +186,17 @@ int nm_sk_lookup(struct bpf_sk_lookup *ctx)
     struct port_key pk = {.pod_ip = local_ip, .port = ctx->local_port};
     if (in_excluded.lookup(&pk)) {
         count(local_ip, CNT_PASS_PORT);
+        return SK_PASS;
+    }
+
+    struct agent_conn_key ak = {
+        .pod_ip = local_ip,
+        .remote_ip = remote_ip,
+        .remote_port = bpf_ntohs(ctx->remote_port),
+        .local_port = (__u16)ctx->local_port,
+    };
+    if (agent_conns.lookup(&ak)) {
+        count(local_ip, CNT_PASS_AGENT);
         return SK_PASS;
     }
     return steer(ctx, local_ip, SLOT_INBOUND, CNT_INBOUND);

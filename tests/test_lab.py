@@ -105,7 +105,7 @@ def test_two_labs_with_the_same_addresses_coexist(make_lab):
         # The second lab's identical address is a different pod: nothing listens there.
         res = two.exec("client", [PY, "-m", "mesh.lab.echo", "send", two.pod("server").ip, "8080", "16"],
                        capture_output=True, text=True, timeout=30)
-        assert res.returncode != 0 and "refused" in res.stderr.lower()
+        assert res.returncode != 0 and "refused" in res.stdout.lower()
     finally:
         proc.kill()
         proc.wait()

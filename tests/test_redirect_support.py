@@ -149,9 +149,9 @@ def echo_from(lab: Any, where: str, ip: str, port: int, size: int = 4096) -> dic
     res = lab.exec(
         where, [PY, "-m", "mesh.lab.echo", "send", ip, str(port), str(size)], capture_output=True, text=True, timeout=30
     )
-    if res.returncode != 0:
-        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
-    return json.loads(res.stdout)
+    if res.stdout.strip():
+        return json.loads(res.stdout.splitlines()[0])  # a result, or {"error": ...} for a failed connection
+    return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"}
 
 
 def exchange(sock: socket.socket, payload: bytes) -> bytes:

@@ -114,6 +114,8 @@ def test_routing_plan_keeps_agent_excluded_and_node_traffic_off_the_capture_tabl
         "9001: to 10.244.1.1/32 lookup main",
         "9001: ipproto tcp dport 5432 lookup main",
         "9001: ipproto tcp sport 9090 lookup main",
+        # The kernel's RST for a tunnel SYN while the agent is down must reach the remote agent.
+        "9001: ipproto tcp sport 15008 lookup main",
         "9002: ipproto tcp lookup 15001",
     ]
     assert [r.describe() for r in routing.plan_routes(IPv4Address("10.244.1.2"))] == [

@@ -70,6 +70,9 @@ class PodRedirection:
     netns_ino: int
     adopted: bool
     pin_path: str | None = None
+    # The eBPF program steering this pod (None with nftables): the proxy announces its own
+    # client-address-preserving connections to the application through it.
+    program: ebpf.SkLookupProgram | None = field(default=None, repr=False)
     _link: ebpf.AttachedLink | None = field(default=None, repr=False)
     _worker: NetnsWorker | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -288,6 +291,7 @@ class RedirectController:
         link = ebpf.attach_or_adopt(prog, red.netns_fd, red.netns_ino, self.bpffs_root, red.netns_cookie)
         red._link = link
         red.pin_path = link.pin_path
+        red.program = prog
         routing.apply(
             red.netns_fd,
             routing.plan_rules(pod.exclusions, pod.all_node_addresses()),

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import platform
+import socket
 import struct
 import tempfile
 import threading
@@ -48,8 +49,9 @@ BPF_FS_MAGIC = "bpf"
 
 SLOT_OUTBOUND, SLOT_INBOUND, SLOT_HBONE = 0, 1, 2
 SLOT_BY_PORT = {OUTBOUND_PORT: SLOT_OUTBOUND, INBOUND_PORT: SLOT_INBOUND, HBONE_PORT: SLOT_HBONE}
-COUNTER_NAMES = ("inbound_steered", "outbound_steered", "passed_node", "passed_excluded_port", "refused_no_listener")
-MAP_NAMES = ("pods", "in_excluded", "node_srcs", "listeners", "counters")
+COUNTER_NAMES = ("inbound_steered", "outbound_steered", "passed_node", "passed_excluded_port", "refused_no_listener",
+                 "passed_agent")
+MAP_NAMES = ("pods", "in_excluded", "node_srcs", "listeners", "counters", "agent_conns")
 
 
 def source_path() -> Path:
@@ -217,11 +219,22 @@ class SkLookupProgram:
         """Delete every key of this pod from every map; the ``pods`` entry first."""
         ip = pod_ip.packed
         sysbpf.map_delete(self.maps["pods"].fd, ip)
-        for name, off in (("in_excluded", 0), ("node_srcs", 4), ("listeners", 0), ("counters", 0)):
+        for name, off in (("in_excluded", 0), ("node_srcs", 4), ("listeners", 0), ("counters", 0),
+                          ("agent_conns", 0)):
             m = self.maps[name]
             for key in sysbpf.map_keys(m.fd, m.key_size):
                 if key[off : off + 4] == ip:
                     sysbpf.map_delete(m.fd, key)
+
+    def agent_conn_key(self, pod_ip: IPv4Address, client_ip: str, client_port: int, app_port: int) -> bytes:
+        return struct.pack("=4s4sHH", pod_ip.packed, socket.inet_aton(client_ip), client_port, app_port)
+
+    def announce_agent_conn(self, key: bytes) -> None:
+        """Let the next SYN with this (pod, client address, ports) reach the application, not 15006."""
+        sysbpf.map_update(self.maps["agent_conns"].fd, key, b"\x01")
+
+    def forget_agent_conn(self, key: bytes) -> None:
+        sysbpf.map_delete(self.maps["agent_conns"].fd, key)
 
     def pod_entries(self, pod_ip: IPv4Address) -> dict[str, int]:
         """How many keys each map holds for this pod (what a leak check counts)."""

@@ -9,7 +9,7 @@ pref  selector                                                  lookup
 9000  ``fwmark 0x539/0xfff`` (the agent's own sockets)          main
 9001  ``to <excluded CIDR | node address | 169.254.7.127>``     main
 9001  ``ipproto tcp dport <excluded outbound port>``            main
-9001  ``ipproto tcp sport <excluded inbound port>``             main
+9001  ``ipproto tcp sport <excluded inbound port | 15008>``     main
 9002  ``ipproto tcp [to <capture CIDR>]``                       15001
 ====  ========================================================  ======================
 
@@ -47,7 +47,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from agent.redirect.exclusions import CaptureExclusions
-from agent.redirect.model import MESH_MARK, MESH_MARK_MASK
+from agent.redirect.model import HBONE_PORT, MESH_MARK, MESH_MARK_MASK
 from mesh.netns import NetnsRef, run_in_netns
 
 PREF_MARK = 9000
@@ -111,9 +111,11 @@ def plan_rules(exclusions: CaptureExclusions, node_addresses: tuple[IPv4Network,
     rules += [
         RuleSpec(PREF_EXCLUDE, MAIN_TABLE, ipproto=IPPROTO_TCP, dport=(p, p)) for p in sorted(exclusions.outbound_ports)
     ]
-    rules += [
-        RuleSpec(PREF_EXCLUDE, MAIN_TABLE, ipproto=IPPROTO_TCP, sport=(p, p)) for p in sorted(exclusions.inbound_ports)
-    ]
+    # 15008 too: with the agent down (restarting), the kernel answers a tunnel's SYN with a RST that no
+    # socket marks; without this rule it would be "captured" back into the pod and the remote agent would
+    # wait for a timeout instead of seeing the refusal at once.
+    reply_ports = sorted({*exclusions.inbound_ports, HBONE_PORT})
+    rules += [RuleSpec(PREF_EXCLUDE, MAIN_TABLE, ipproto=IPPROTO_TCP, sport=(p, p)) for p in reply_ports]
     if exclusions.capture_cidrs is None:
         rules.append(RuleSpec(PREF_CAPTURE, CAPTURE_TABLE, ipproto=IPPROTO_TCP))
     else:

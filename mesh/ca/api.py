@@ -57,5 +57,6 @@ STATUS_BY_CODE: dict[str, int] = {
     "foreign_trust_domain": 403,
     "not_on_node": 403,
     "placement_unavailable": 503,
+    "auth_unavailable": 503,
     "ca_expired": 503,
 }

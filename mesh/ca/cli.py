@@ -81,9 +81,50 @@ async def _serve(args: argparse.Namespace) -> int:
 
     ca = CertificateAuthority.load(args.ca_dir)
     host, port = parse_listen(args.listen)
-    placement = placement_from_spec(args.placement, ca.trust_domain)
-    names = args.server_name or [DEFAULT_SERVER_NAME]
-    server = CAServer(ca, placement, ttl=_ttl(args.ttl, DEFAULT_WORKLOAD_TTL), server_names=names)
+    kube = args.placement == "kube" or args.auth == "tokenreview"
+    if (args.trusted_agents or args.token_audience) and args.auth != "tokenreview":
+        raise UsageError("--trusted-agents and --token-audience need --auth tokenreview")
+    if args.kubeconfig and not kube:
+        raise UsageError("--kubeconfig is only used with --placement kube or --auth tokenreview")
+    api = None
+    placement: Any = None
+    authenticator = None
+    if kube:
+        from mesh.ca.kube import (
+            DEFAULT_AUDIENCE,
+            DEFAULT_TRUSTED_AGENTS,
+            KubeApi,
+            KubePodPlacement,
+            TokenReviewAuthenticator,
+            load_configuration,
+        )
+
+        api = KubeApi(await load_configuration(args.kubeconfig))
+    try:
+        if args.placement == "kube":
+            assert api is not None
+            placement = KubePodPlacement(api, ca.trust_domain)
+            placement.start()
+        else:
+            placement = placement_from_spec(args.placement, ca.trust_domain)
+        if args.auth == "tokenreview":
+            assert api is not None
+            authenticator = TokenReviewAuthenticator(
+                api, trusted_agents=args.trusted_agents or DEFAULT_TRUSTED_AGENTS,
+                audience=args.token_audience or DEFAULT_AUDIENCE,
+                pods=placement if isinstance(placement, KubePodPlacement) else None)
+        return await _run_server(args, CAServer(ca, placement, ttl=_ttl(args.ttl, DEFAULT_WORKLOAD_TTL),
+                                                server_names=args.server_name or [DEFAULT_SERVER_NAME],
+                                                authenticator=authenticator), host, port)
+    finally:
+        if placement is not None and hasattr(placement, "stop"):
+            await placement.stop()
+        if api is not None:
+            await api.close()
+
+
+async def _run_server(args: argparse.Namespace, server: Any, host: str, port: int) -> int:
+    ca, placement = server.ca, server.placement
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -91,7 +132,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         bound = await server.start(host, port)
         print(f"CA {ca.trust_domain} serving on https://{args.listen.rpartition(':')[0]}:{bound}"
-              f" (placement {placement.describe()})", flush=True)
+              f" (placement {placement.describe()}, auth {args.auth})", flush=True)
         if args.metrics:
             mhost, mport = parse_listen(args.metrics, "--metrics")
             mbound = await server.start_metrics(mhost, mport)
@@ -110,7 +151,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _request(args: argparse.Namespace) -> int:
     identity = SpiffeId.parse(args.identity)
-    creds = NodeCredentials.read_files(args.node_creds)
+    creds: Any
+    if args.token_file:
+        from mesh.ca.kube import TokenCredentials
+
+        if not args.ca_roots:
+            raise UsageError("--token-file needs --ca-roots (the CA's root certificate, PEM)")
+        creds = TokenCredentials.read(args.token_file, args.ca_roots)
+    else:
+        creds = NodeCredentials.read_files(args.node_creds)
     ttl = _ttl(args.ttl, DEFAULT_WORKLOAD_TTL) if args.ttl is not None else None
     async with CAClient(args.ca_url, creds, server_name=args.server_name) as client:
         cert = await client.fetch(identity, ttl)
@@ -159,7 +208,17 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("serve", help="serve the signing API over mutual TLS")
     p.add_argument("--ca-dir", required=True, type=Path)
     p.add_argument("--listen", required=True, help="HOST:PORT")
-    p.add_argument("--placement", required=True, help="where pods run: lab:NAME or file:PATH")
+    p.add_argument("--placement", required=True,
+                   help="where pods run: lab:NAME, file:PATH, or kube (pods' spec.nodeName, from the API server)")
+    p.add_argument("--auth", choices=("node-cert", "tokenreview"), default="node-cert",
+                   help="how agents authenticate: a node certificate from this CA (mutual TLS, the default), "
+                        "or their service-account token checked with TokenReview")
+    p.add_argument("--kubeconfig", type=Path,
+                   help="API server access for kube/tokenreview (default: in-cluster, then $KUBECONFIG)")
+    p.add_argument("--trusted-agents", metavar="NS/SA,...",
+                   help="service accounts whose tokens may ask for certificates "
+                        "(default nodemesh-system/nodemesh-agent)")
+    p.add_argument("--token-audience", help="the audience agents' tokens must be for (default nodemesh-ca)")
     p.add_argument("--ttl", type=float, help="workload certificate lifetime in seconds (default 86400)")
     p.add_argument("--metrics", "--metrics-listen", dest="metrics", help="HOST:PORT for plain-HTTP /metrics")
     p.add_argument("--server-name", action="append",
@@ -169,7 +228,10 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("request", help="ask a CA for a workload certificate as a node (debugging, demos)")
     p.add_argument("identity", help="spiffe://<trust-domain>/ns/<ns>/sa/<sa>")
     p.add_argument("--ca-url", required=True, help="https://HOST:PORT")
-    p.add_argument("--node-creds", required=True, type=Path, help="directory written by 'ca issue-node'")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--node-creds", type=Path, help="directory written by 'ca issue-node'")
+    who.add_argument("--token-file", type=Path, help="a service-account token (CA run with --auth tokenreview)")
+    p.add_argument("--ca-roots", type=Path, help="with --token-file: the CA's root certificate (PEM)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--ttl", type=float, help="requested lifetime in seconds (the CA may shorten it)")
     p.add_argument("--server-name", default=DEFAULT_SERVER_NAME)

@@ -1,6 +1,8 @@
 """The node agent's client for the CA's signing API.
 
-It authenticates with the node certificate, checks the CA's serving certificate against the node's roots
+It authenticates with the node certificate (or, against a CA run with ``--auth tokenreview``, with the
+node agent's service-account token: ``mesh.ca.kube.TokenCredentials``), checks the CA's serving
+certificate against the node's roots
 and the CA's DNS name, generates a fresh P-256 key per request (the key never leaves the agent), and
 verifies what comes back (chain to our roots, the identity asked for) before handing out a WorkloadCert.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import aiohttp
 from cryptography import x509
@@ -82,13 +85,23 @@ class SignedChain:
     roots: TrustBundle
 
 
+class ClientCredentials(Protocol):
+    """What the client authenticates with: ``NodeCredentials`` (a client certificate) or
+    ``TokenCredentials`` (roots only, plus an ``auth_headers()`` method read at every request)."""
+
+    @property
+    def roots(self) -> TrustBundle: ...
+
+    def load_into(self, context: ssl.SSLContext, verify: bool = True) -> ssl.SSLContext: ...
+
+
 class CAClient:
     """One per agent; reuses one HTTPS connection pool. Close with ``aclose`` (or ``async with``)."""
 
     def __init__(
         self,
         url: str,
-        credentials: NodeCredentials,
+        credentials: NodeCredentials | ClientCredentials,
         *,
         server_name: str = DEFAULT_SERVER_NAME,
         timeout: float = 10.0,
@@ -132,8 +145,10 @@ class CAClient:
 
     async def _request(self, method: str, path: str, payload: dict | None = None) -> dict:
         session = self._get_session()
+        auth_headers = getattr(self.credentials, "auth_headers", None)
+        headers = auth_headers() if auth_headers is not None else None  # a token, re-read for every request
         try:
-            async with session.request(method, self.url + path, json=payload,
+            async with session.request(method, self.url + path, json=payload, headers=headers,
                                        server_hostname=self.server_name) as resp:
                 try:
                     body = await resp.json(content_type=None)

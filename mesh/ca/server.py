@@ -13,10 +13,11 @@ Every refusal is logged with the node and the reason and counted in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -60,9 +61,16 @@ class Refusal(Exception):
 
 
 class NodeAuthenticator(Protocol):
-    """Who is asking: returns the node name or raises Refusal. (A TokenReview-based one can join later.)"""
+    """Who is asking: returns the node name (or an awaitable of it, for one that asks another service, as
+    ``mesh.ca.kube.TokenReviewAuthenticator`` does) or raises Refusal. One with ``client_certificates =
+    False`` makes the CA's TLS ask for no client certificate."""
 
-    def authenticate(self, request: web.Request) -> str: ...
+    def authenticate(self, request: web.Request) -> str | Awaitable[str]: ...
+
+
+async def _authenticate(authenticator: NodeAuthenticator, request: web.Request) -> str:
+    result = authenticator.authenticate(request)
+    return await result if inspect.isawaitable(result) else result
 
 
 class NodeCertificateAuthenticator:
@@ -149,6 +157,8 @@ class CAServer:
             ctx = mtls_server_context(self._serving)
             ctx.verify_mode = ssl.CERT_OPTIONAL
             ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+            if getattr(self.authenticator, "client_certificates", True) is False:
+                ctx.verify_mode = ssl.CERT_NONE  # server-auth only: the agent authenticates with a token
             self._ssl = ctx
         return self._ssl
 
@@ -181,7 +191,7 @@ class CAServer:
         peer = request.remote
         node: str | None = None
         try:
-            node = self.authenticator.authenticate(request)
+            node = await _authenticate(self.authenticator, request)
             try:
                 raw = await request.read()
                 body = SignRequest.model_validate(json.loads(raw))
@@ -225,7 +235,7 @@ class CAServer:
 
     async def handle_bundle(self, request: web.Request) -> web.Response:
         try:
-            self.authenticator.authenticate(request)
+            await _authenticate(self.authenticator, request)
         except Refusal as refusal:
             return self._deny(refusal.code, refusal.message, None, request.remote)
         return web.json_response({

@@ -56,12 +56,21 @@ PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH, APPLY_PATCH)
 
 @dataclass(frozen=True)
 class UserInfo:
+    """Who a token belongs to. `extra` is what bound service-account tokens carry (e.g.
+    `authentication.kubernetes.io/pod-name`, `.../node-name`); `audiences`, when set, are the only ones
+    the token is valid for in a TokenReview that names audiences."""
+
     username: str
     uid: str = ""
     groups: tuple[str, ...] = ()
+    extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    audiences: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"username": self.username, "uid": self.uid, "groups": list(self.groups)}
+        out: dict[str, Any] = {"username": self.username, "uid": self.uid, "groups": list(self.groups)}
+        if self.extra:
+            out["extra"] = {k: list(v) for k, v in self.extra.items()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -220,7 +229,9 @@ class ApiServer:
     def add_token(self, token: str, user: UserInfo | Mapping[str, Any]) -> None:
         if not isinstance(user, UserInfo):
             user = UserInfo(str(user.get("username", "")), str(user.get("uid", "")),
-                            tuple(user.get("groups") or ()))
+                            tuple(user.get("groups") or ()),
+                            {str(k): tuple(v) for k, v in (user.get("extra") or {}).items()},
+                            tuple(user.get("audiences") or ()))
         self.tokens[token] = user
 
     def compact(self) -> None:
@@ -576,12 +587,17 @@ class ApiServer:
             raise ApiError(422, "Invalid", 'TokenReview.authentication.k8s.io "" is invalid: spec.token: '
                                            "Required value: token must not be empty")
         user = self.tokens.get(token)
-        status: dict[str, Any] = {"authenticated": user is not None, "user": user.to_json() if user else {}}
         audiences = spec.get("audiences") if isinstance(spec, dict) else None
+        error = "invalid bearer token"
+        if user is not None and audiences and user.audiences:
+            audiences = [a for a in audiences if a in user.audiences]
+            if not audiences:  # as the real authenticator: a token for other audiences is not authenticated
+                user, error = None, "token audiences are invalid for the target audiences"
+        status: dict[str, Any] = {"authenticated": user is not None, "user": user.to_json() if user else {}}
         if user is not None and audiences:
             status["audiences"] = audiences
         if user is None:
-            status["error"] = "invalid bearer token"
+            status["error"] = error
         return {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                 "metadata": {"creationTimestamp": None}, "spec": {k: v for k, v in spec.items() if k != "token"}
                 if isinstance(spec, dict) else {}, "status": status}

@@ -1,0 +1,200 @@
+"""Runs the mesh in a netns lab: a CA, and one agent per node, each a real process in its node's namespace.
+
+The CA listens on the first node's fabric address (every node reaches it over the fabric, as agents reach
+a CA Service in a cluster); each agent gets its own node certificate and runs with `--config lab:NAME`.
+Used by the demo, the end-to-end tests and the benchmarks; everything it starts is stopped by `stop()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.lab import Lab
+
+CA_PORT = 15012
+
+
+def http_get_in_netns(netns_path: str, host: str, port: int, path: str, timeout: float = 5.0,
+                      method: str = "GET") -> tuple[int, str]:
+    """A plain HTTP/1.0 request from inside a namespace (the agents' ports live in node namespaces)."""
+    import socket
+
+    from mesh.netns import socket_in_netns
+
+    s = socket_in_netns(netns_path, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect((host, port))
+        s.sendall(f"{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n".encode())
+        data = bytearray()
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = bytes(data).partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head else 0
+    return status, body.decode(errors="replace")
+
+
+@dataclass
+class MeshLab:
+    lab: Lab
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="nodemesh-mesh-")))
+    redirect: str = "auto"
+    cert_ttl: float | None = None
+    extra_agent_args: list[str] = field(default_factory=list)
+    ca_proc: subprocess.Popen | None = None
+    agents: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def ca_node(self) -> str:
+        return self.lab.state.nodes[0].name
+
+    @property
+    def ca_url(self) -> str:
+        return f"https://{self.lab.node(self.ca_node).fabric_ip}:{CA_PORT}"
+
+    def _nodemesh(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mesh.cli", *args]
+
+    def start(self, timeout: float = 60.0) -> MeshLab:
+        ca_dir = self.workdir / "ca"
+        subprocess.run(self._nodemesh("ca", "init", str(ca_dir), "--trust-domain", self.lab.state.trust_domain),
+                       check=True, capture_output=True)
+        for node in self.lab.state.nodes:
+            subprocess.run(self._nodemesh("ca", "issue-node", node.name, "--ca-dir", str(ca_dir),
+                                          "--out", str(self.workdir / f"node-{node.name}")),
+                           check=True, capture_output=True)
+        ca_args = ["ca", "serve", "--ca-dir", str(ca_dir), "--listen",
+                   f"{self.lab.node(self.ca_node).fabric_ip}:{CA_PORT}", "--placement", f"lab:{self.lab.name}"]
+        if self.cert_ttl:
+            ca_args += ["--ttl", str(self.cert_ttl)]
+        self.ca_proc = self._spawn(self.ca_node, "ca", ca_args)
+        self._wait_port(self.ca_node, self.lab.node(self.ca_node).fabric_ip, CA_PORT, timeout)
+        for node in self.lab.state.nodes:
+            self.start_agent(node.name)
+        for node in self.lab.state.nodes:
+            self.wait_ready(node.name, timeout)
+        return self
+
+    def agent_args(self, node: str) -> list[str]:
+        n = self.lab.node(node)
+        args = ["agent", "--node", node, "--config", f"lab:{self.lab.name}", "--ca-url", self.ca_url,
+                "--ca-creds", str(self.workdir / f"node-{node}"), "--redirect", self.redirect,
+                "--bpffs-root", f"/sys/fs/bpf/nodemesh-{self.lab.name}",
+                "--state-dir", str(self.workdir / f"redirect-{node}"),
+                "--node-address", f"{n.gateway}/32", "--drain", "1"]
+        if self.cert_ttl:
+            args += ["--cert-ttl", str(self.cert_ttl)]
+        return args + self.extra_agent_args
+
+    def start_agent(self, node: str) -> subprocess.Popen:
+        proc = self._spawn(node, f"agent-{node}", self.agent_args(node))
+        self.agents[node] = proc
+        return proc
+
+    def stop_agent(self, node: str, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        proc = self.agents.pop(node, None)
+        if proc is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def _spawn(self, node: str, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        self.logs[name] = log
+        f = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        return self.lab.popen(node, self._nodemesh(*args), stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def _wait_port(self, node: str, host: str, port: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ca_proc is not None and self.ca_proc.poll() is not None:
+                raise RuntimeError(f"CA exited: {self.log_tail('ca')}")
+            res = self.lab.exec(node, ["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True)
+            if res.stdout.strip():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
+
+    def wait_ready(self, node: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        n = self.lab.node(node)
+        while time.monotonic() < deadline:
+            proc = self.agents.get(node)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"agent on {node} exited with {proc.returncode}: {self.log_tail('agent-' + node)}")
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status, _ = http_get_in_netns(n.netns_path, "127.0.0.1", 15021, "/healthz/ready", timeout=2)
+                if status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"agent on {node} not ready after {timeout}s: {self.log_tail('agent-' + node)}")
+
+    def metrics(self, node: str) -> str:
+        return http_get_in_netns(self.lab.node(node).netns_path, "127.0.0.1", 15020, "/metrics")[1]
+
+    def config_dump(self, node: str) -> dict:
+        return json.loads(http_get_in_netns(self.lab.node(node).netns_path, "127.0.0.1", 15000, "/config_dump")[1])
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs.get(name)
+        if path is None or not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_text(self, name: str) -> str:
+        path = self.logs.get(name)
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def stop(self) -> None:
+        for node in list(self.agents):
+            self.stop_agent(node)
+        if self.ca_proc is not None:
+            self.ca_proc.terminate()
+            try:
+                self.ca_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.ca_proc.kill()
+                self.ca_proc.wait()
+            self.ca_proc = None
+        self.release_pods()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def release_pods(self) -> None:
+        """Remove the redirection the agents left in place (by design, for their restarts)."""
+        from agent.redirect.cleanup import cleanup_netns, cleanup_stale
+
+        bpffs = f"/sys/fs/bpf/nodemesh-{self.lab.name}"
+        for pod in self.lab.state.pods:
+            state_dir = str(self.workdir / f"redirect-{pod.node}")
+            with contextlib.suppress(Exception):
+                cleanup_netns(pod.netns_path, bpffs, state_dir)
+        for node in self.lab.state.nodes:
+            with contextlib.suppress(Exception):
+                cleanup_stale(bpffs, str(self.workdir / f"redirect-{node.name}"))
+        with contextlib.suppress(OSError):
+            os.rmdir(bpffs)
+
+    def __enter__(self) -> MeshLab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
