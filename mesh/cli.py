@@ -88,7 +88,7 @@ def cmd_lab_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_lab_demo(args: argparse.Namespace) -> int:
     _require_root()
     from mesh.lab.demo import run_demo
 
@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every nm- namespace and lab state file")
     p.set_defaults(func=cmd_lab_down)
 
-    p = sub.add_parser("demo", help="the embedded demo: bring up a lab, show traffic, tear it down")
-    p.set_defaults(func=cmd_demo)
+    p = lab_sub.add_parser("demo", help="the lab alone: bring it up, show pod-to-pod traffic, tear it down")
+    p.set_defaults(func=cmd_lab_demo)
 
     for ep in sorted(entry_points(group="nodemesh.commands"), key=lambda e: e.name):
         try:
