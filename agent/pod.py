@@ -114,9 +114,9 @@ class PodProxy:
         self.identity = spiffe_of(workload)
         self.worker = NetnsWorker(redirection.netns_fd, name=f"netns-{workload.name}")
         self.stock = SocketStock(self.worker)
-        # Towards the app the client's address is kept (IP_TRANSPARENT). That needs the replies routed
-        # back to the agent's socket, which the eBPF backend's routing does and nftables' does not.
-        self.spoof = redirection.backend == "ebpf" and redirection.program is not None
+        # Towards the app the client's address is kept (IP_TRANSPARENT); both backends route the app's
+        # replies back to the agent's socket. With eBPF the connection must also be announced (below).
+        self.spoof = redirection.backend == "nftables" or redirection.program is not None
         self.pool = HbonePool(bundle=ctx.bundle, mark=MESH_MARK, socket_factory=self.stock.get)
         self.live = LiveConnections()
         self.hbone = HboneServer(
@@ -310,13 +310,13 @@ class PodProxy:
 
     async def _dial_app(self, port: int, client_ip: str) -> socket.socket:
         spoof = client_ip if self.spoof and client_ip != self.ip else None
-        return await dial.connect(self.stock.get, (self.ip, port), spoof_source=spoof,
-                                  announce=lambda ip, sport: self._announce(ip, sport, port),
+        announce = (lambda ip, sport: self._announce(ip, sport, port)) if self.redirection.program else None
+        return await dial.connect(self.stock.get, (self.ip, port), spoof_source=spoof, announce=announce,
                                   timeout=self.ctx.connect_timeout)
 
     def _announce(self, client_ip: str, client_port: int, app_port: int) -> dial.Callable[[], None]:
         prog = self.redirection.program
-        assert prog is not None  # spoofing is only on with the eBPF backend
+        assert prog is not None
         key = prog.agent_conn_key(self.redirection.pod.ip, client_ip, client_port, app_port)
         prog.announce_agent_conn(key)
         return lambda: prog.forget_agent_conn(key)

@@ -52,8 +52,8 @@ TOPOLOGY = {
 }
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+@pytest.fixture(scope="module", params=["ebpf", "nftables"])
+def mesh(request, tmp_path_factory):
     import os
 
     if os.geteuid() != 0:
@@ -61,7 +61,7 @@ def mesh(tmp_path_factory):
     lab = Lab.up(load_topology(TOPOLOGY), name=unique_lab_name())
     policy_file = tmp_path_factory.mktemp("policies") / "policies.yaml"
     policy_file.write_text("")
-    m = MeshLab(lab, extra_agent_args=["--config", f"policies:{policy_file}"])
+    m = MeshLab(lab, redirect=request.param, extra_agent_args=["--config", f"policies:{policy_file}"])
     servers = []
     try:
         for pod in ("server", "server-a", "server-b2"):
@@ -249,7 +249,7 @@ def test_agents_config_dump_and_readiness(mesh):
     pods = {p["name"]: p for p in dump["pods"].values()}
     assert set(pods) == {"client", "stranger", "server-a"}
     assert pods["client"]["identity"] == SLEEP
-    assert dump["redirection"] in ("ebpf", "nftables")
+    assert dump["redirection"] == mesh.redirect
     assert not dump["installErrors"]
 
 

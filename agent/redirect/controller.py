@@ -254,6 +254,7 @@ class RedirectController:
                 record.pin_path = red.pin_path
             else:
                 nftables.apply(netns_fd, self._nft_plan(pod))
+                routing.apply(netns_fd, routing.plan_rules_nftables(), routing.plan_routes(pod.ip))
             st.save(self.state_dir, record)
             red.adopted = preexisting
         except BaseException:
@@ -432,6 +433,7 @@ class RedirectController:
                 attempt("sysctls", self._restore_sysctls, netns_fd, rec)
         elif netns_fd is not None:
             attempt("nftables", nftables.remove, netns_fd)
+            attempt("routing", routing.remove, netns_fd)
         if errors:
             raise RedirectError(f"pod {rec.uid}: removal incomplete: " + "; ".join(errors))
 

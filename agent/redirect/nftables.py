@@ -13,7 +13,14 @@ match the eBPF backend rule for rule:
 
 REDIRECT rewrites the destination, so the agent reads the original with
 ``SO_ORIGINAL_DST`` (see ``listeners.original_destination``); conntrack undoes the
-rewrite on replies, so no routing changes are needed here.
+rewrite on replies.
+
+The agent connects to the application with the client's address as source (IP_TRANSPARENT),
+as Istio's in-pod rules allow: such a connection's packets carry the agent's mark when they
+loop back into the pod, so prerouting tags the connection (ct mark 0x111), and output copies
+that tag onto the application's replies, which a policy rule (``fwmark 0x111 lookup 15001``,
+table 15001 = ``local 0.0.0.0/0 dev lo``) then delivers back to the agent's socket instead of
+sending them towards the client's real address (Istio's ``InpodTProxyMark``).
 
 The table carries a comment with a digest of its own text: re-adopting a pod after an
 agent restart compares digests and leaves an identical table alone, and a changed one
@@ -43,6 +50,7 @@ from mesh.netns import NetnsRef, run_in_netns
 
 FAMILY = "ip"
 TABLE = "nodemesh"
+TPROXY_MARK = 0x111  # connections the agent opened to the application with the client's address
 _COMMENT_RE = re.compile(r'comment "nodemesh ([^"]*)"')
 
 
@@ -86,6 +94,14 @@ def render(
         "    ip saddr @node_addrs accept\n"
         "    tcp dport @in_excluded_ports accept\n"
         f"    meta l4proto tcp redirect to :{INBOUND_PORT}\n"
+        "  }\n"
+        "  chain tag_agent_conns {\n"
+        "    type filter hook prerouting priority mangle; policy accept;\n"
+        f"    {mark} ct mark set {TPROXY_MARK:#x}\n"
+        "  }\n"
+        "  chain return_to_agent {\n"
+        "    type route hook output priority mangle; policy accept;\n"
+        f"    ct mark & {MESH_MARK_MASK:#x} == {TPROXY_MARK:#x} meta mark set ct mark\n"
         "  }\n"
         "  chain output {\n"
         "    type nat hook output priority -100; policy accept;\n"

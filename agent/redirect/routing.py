@@ -50,6 +50,7 @@ from agent.redirect.exclusions import CaptureExclusions
 from agent.redirect.model import HBONE_PORT, MESH_MARK, MESH_MARK_MASK
 from mesh.netns import NetnsRef, run_in_netns
 
+TPROXY_MARK = 0x111
 PREF_MARK = 9000
 PREF_EXCLUDE = 9001
 PREF_CAPTURE = 9002
@@ -123,6 +124,12 @@ def plan_rules(exclusions: CaptureExclusions, node_addresses: tuple[IPv4Network,
             RuleSpec(PREF_CAPTURE, CAPTURE_TABLE, dst=str(net), ipproto=IPPROTO_TCP) for net in exclusions.capture_cidrs
         ]
     return rules
+
+
+def plan_rules_nftables() -> list[RuleSpec]:
+    """The nftables backend captures with nat rules; routing only brings the application's replies
+    to connections the agent opened with the client's address back to the agent (see nftables.py)."""
+    return [RuleSpec(PREF_CAPTURE, CAPTURE_TABLE, fwmark=TPROXY_MARK, fwmask=MESH_MARK_MASK)]
 
 
 def plan_routes(pod_ip: IPv4Address) -> list[RouteSpec]:
