@@ -24,11 +24,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import logging
 import os
 import platform
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -81,10 +84,10 @@ def preflight() -> None:
     Raises :class:`RedirectUnavailable` whose ``cause`` names the missing piece: bcc, the
     kernel's sk_lookup support, the capabilities, or the kernel headers.
     """
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        raise RedirectUnavailable("ebpf", "bcc is not installed (Debian package python3-bpfcc)") from None
+    import importlib.util
+
+    if importlib.util.find_spec("bcc") is None:  # found, not imported: the agent never maps LLVM
+        raise RedirectUnavailable("ebpf", "bcc is not installed (Debian package python3-bpfcc)")
     try:
         sysbpf.probe_sk_lookup()
     except sysbpf.BpfError as exc:
@@ -129,6 +132,81 @@ def _first_error(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "no detail"
 
 
+def compile_with_bcc(max_pods: int) -> tuple[object, int, dict[str, int]]:
+    """Compile and load the program with bcc in *this* process: (the bcc object, program fd, map fds).
+
+    Only the loader child calls this (see ``compile_in_child``): bcc maps LLVM and clang into the
+    process, well over 100 MB that the long-running agent should not carry.
+    """
+    import bcc
+    from bcc.libbcc import lib
+
+    src = source_path()
+    cflags = [f"-DMAX_PODS={int(max_pods)}"]
+    with _stderr_captured() as out:
+        try:
+            bpf = bcc.BPF(src_file=os.fsencode(src), cflags=cflags)
+            fn = bpf.load_func(PROG_NAME.encode(), sysbpf.BPF_PROG_TYPE_SK_LOOKUP, attach_type=sysbpf.BPF_SK_LOOKUP)
+        except Exception as exc:
+            failure: Exception | None = exc
+        else:
+            failure = None
+    if failure is not None:
+        text = str(failure)
+        if "compile" in text.lower() or "headers" in " ".join(out).lower():
+            cause = f"compiling {src.name} failed: {_first_error(out)}"
+        elif "Permission" in text or "Operation not permitted" in text:
+            cause = "not permitted to load eBPF programs (needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)"
+        else:
+            cause = f"loading {src.name} failed: {text}; {_first_error(out)}"
+        raise RedirectUnavailable("ebpf", cause)
+    maps: dict[str, int] = {}
+    for name in MAP_NAMES:
+        fd = lib.bpf_table_fd(bpf.module, name.encode())
+        if fd < 0:
+            raise RedirectUnavailable("ebpf", f"map {name} missing from {src.name}")
+        maps[name] = fd
+    return bpf, fn.fd, maps
+
+
+def compile_in_child(max_pods: int, timeout: float = 120.0) -> tuple[int, dict[str, int]]:
+    """Have a short-lived child (``python -m agent.redirect.loader``) compile and load the program and
+    hand over the program and map fds over a unix socket; the kernel objects live on in this process."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.redirect.loader", str(child.fileno()), str(int(max_pods))],
+            pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        )
+        child.close()
+        parent.settimeout(timeout)
+        try:
+            msg, fds, _, _ = socket.recv_fds(parent, 65536, len(MAP_NAMES) + 1)
+        except (TimeoutError, OSError) as exc:
+            proc.kill()
+            raise RedirectUnavailable("ebpf", f"the program loader did not answer: {exc}") from None
+        finally:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
+    finally:
+        parent.close()
+        with contextlib.suppress(OSError):
+            child.close()
+    if not msg:
+        raise RedirectUnavailable("ebpf", f"the program loader exited with status {proc.returncode}")
+    reply = json.loads(msg)
+    if "error" in reply:
+        for fd in fds:
+            os.close(fd)
+        raise RedirectUnavailable("ebpf", reply["error"])
+    names = reply["maps"]
+    if len(fds) != len(names) + 1:
+        for fd in fds:
+            os.close(fd)
+        raise RedirectUnavailable("ebpf", "the program loader handed over the wrong number of objects")
+    return fds[0], dict(zip(names, fds[1:], strict=True))
+
+
 @dataclass
 class MapHandle:
     name: str
@@ -145,37 +223,11 @@ class SkLookupProgram:
     """
 
     def __init__(self, max_pods: int = 1024) -> None:
-        import bcc
-        from bcc.libbcc import lib
-
-        src = source_path()
-        cflags = [f"-DMAX_PODS={int(max_pods)}"]
-        with _stderr_captured() as out:
-            try:
-                self._bpf = bcc.BPF(src_file=os.fsencode(src), cflags=cflags)
-                fn = self._bpf.load_func(
-                    PROG_NAME.encode(), sysbpf.BPF_PROG_TYPE_SK_LOOKUP, attach_type=sysbpf.BPF_SK_LOOKUP
-                )
-            except Exception as exc:
-                failure: Exception | None = exc
-            else:
-                failure = None
-        if failure is not None:
-            text = str(failure)
-            if "compile" in text.lower() or "headers" in " ".join(out).lower():
-                cause = f"compiling {src.name} failed: {_first_error(out)}"
-            elif "Permission" in text or "Operation not permitted" in text:
-                cause = "not permitted to load eBPF programs (needs CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)"
-            else:
-                cause = f"loading {src.name} failed: {text}; {_first_error(out)}"
-            raise RedirectUnavailable("ebpf", cause)
-        self.prog_fd: int = fn.fd
+        self.prog_fd, map_fds = compile_in_child(max_pods)
         self.prog_id = sysbpf.prog_info(self.prog_fd).id
         self.maps: dict[str, MapHandle] = {}
         for name in MAP_NAMES:
-            fd = lib.bpf_table_fd(self._bpf.module, name.encode())
-            if fd < 0:
-                raise RedirectUnavailable("ebpf", f"map {name} missing from {src.name}")
+            fd = map_fds[name]
             info = sysbpf.map_info(fd)
             self.maps[name] = MapHandle(name, fd, info.key_size, info.value_size, info.type)
         self._ncpus = _possible_cpus()
@@ -249,7 +301,9 @@ class SkLookupProgram:
         if self._closed:
             return
         self._closed = True
-        self._bpf.cleanup()
+        for fd in [self.prog_fd, *(m.fd for m in self.maps.values())]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _pod_entries(maps: Mapping[str, tuple[int, int]], pod_ip: IPv4Address) -> dict[str, int]:
