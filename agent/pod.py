@@ -373,8 +373,10 @@ class PodProxy:
         return await self._cert()
 
     def _client_ip(self, info: ConnectInfo) -> str:
-        src = info.source_ip
-        return str(src) if src is not None else info.peer_address[0]
+        """The tunnel's own TCP source: the calling pod's IP (its agent dials from inside that pod), or the
+        waypoint's. Never the `forwarded` header, which the caller writes: trusting it would let any mesh
+        workload claim another address and slip past an ipBlocks rule."""
+        return info.peer_address[0]
 
     def _authorize_hbone(self, info: ConnectInfo) -> bool:
         ctx = self.ctx
@@ -437,7 +439,5 @@ class PodProxy:
 
 
 def _src_port(info: ConnectInfo) -> int:
-    fwd = info.request.forwarded
-    port = fwd.for_port if fwd is not None else None
-    return int(port) if port else int(info.peer_address[1])
+    return int(info.peer_address[1])
 

@@ -260,3 +260,37 @@ def test_plaintext_to_a_mesh_pod_from_outside_the_mesh_is_served_with_the_real_s
     res = mesh.lab.exec("node-b", [PY, "-c", code, mesh.lab.pod("server").ip], capture_output=True, text=True)
     assert res.stdout.split(":")[0] == node_b.gateway, res.stdout + res.stderr
     assert socket  # keep the import for the helper code above
+
+
+async def test_a_forged_forwarded_header_does_not_change_the_source_policy_sees(mesh):
+    """ipBlocks policy sees the tunnel's real source, not what the caller writes in `forwarded`."""
+    import socket as _socket
+    from datetime import timedelta
+
+    from mesh.ca import CertificateAuthority
+    from mesh.hbone import HbonePool, TunnelRefused, TunnelRequest
+    from mesh.identity import SpiffeId
+    from mesh.netns import socket_in_netns
+
+    server, client, stranger = mesh.lab.pod("server"), mesh.lab.pod("client"), mesh.lab.pod("stranger")
+    set_policies(mesh, [{"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                         "metadata": {"name": "only-client-ip", "namespace": "default"},
+                         "spec": {"selector": {"matchLabels": {"app": "server"}}, "action": "ALLOW",
+                                  "rules": [{"from": [{"source": {"ipBlocks": [f"{client.ip}/32"]}}]}]}}])
+    ca = CertificateAuthority.load(mesh.workdir / "ca")
+    cert = ca.issue_workload(SpiffeId.parse("spiffe://cluster.local/ns/other/sa/stranger"), ttl=timedelta(minutes=5))
+
+    async def factory() -> _socket.socket:
+        s = socket_in_netns(stranger.netns_path)
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, 0x539)  # the agent's mark: not captured
+        return s
+
+    pool = HbonePool(bundle=cert.roots, socket_factory=factory)
+    try:
+        with pytest.raises(TunnelRefused) as refused:
+            await pool.connect(cert, (server.ip, 15008), [HTTPBIN],
+                               TunnelRequest(authority=f"{server.ip}:8080", src_addr=(client.ip, 40000)))
+        assert refused.value.status == 401
+    finally:
+        await pool.close()
+        set_policies(mesh, [])
