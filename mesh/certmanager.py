@@ -113,7 +113,14 @@ class CertificateManager:
     def current(self, identity: SpiffeId) -> WorkloadCert | None:
         """The valid certificate held for ``identity`` now, without waiting (None if there is none)."""
         tracked = self._tracked.get(identity)
-        return tracked.slot.usable(self._clock()) if tracked else None
+        if tracked is None:
+            return None
+        cert = tracked.slot.usable(self._clock())
+        if cert is None:
+            # Expired (or never fetched): the expiry gauge must not go on advertising a certificate that is
+            # not served, even in the moment before the renewal loop notices.
+            self._clear_metric(identity)
+        return cert
 
     async def get(self, identity: SpiffeId, timeout: float | None = None) -> WorkloadCert:
         """A valid certificate for ``identity``, fetching it at once if none is held.
