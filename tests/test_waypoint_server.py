@@ -54,7 +54,7 @@ async def test_http1_request_carries_envoy_headers_and_is_logged_in_istio_format
         pod = env.pods[r.headers["x-pod"]]
         assert f["uhost"].startswith(f"envoy://connect_originate/{pod.ip}:")
         assert f["cluster"] == "inbound-vip|80|http|web.default.svc.cluster.local"
-        assert f["dlocal"] == f"{env.vip('web')}:80" and f["dremote"] == "127.0.9.1:40000"
+        assert f["dlocal"] == f"{env.vip('web')}:80" and f["dremote"].startswith("127.0.9.1:")
         head_size = sum(len(n) + len(v) + 4 for n, v in r.header_list)
         assert len(r.body) + head_size < int(f["tx"]) < len(r.body) + head_size + 64  # wire bytes, head included
 

@@ -340,7 +340,9 @@ class Env:
                      authority: str | None = None, src: tuple[str, int] = (CLIENT_IP, 40000)) -> Any:
         req = TunnelRequest(authority=authority or f"{self.vip(service)}:{port}", src_addr=src)
         identity = WAYPOINT_ID
-        return await self.pool.connect(cert or self.client_cert, self.waypoint, [identity], req)
+        # The tunnel leaves from the client's own address, as an agent's does from inside the client pod:
+        # the waypoint takes the source from the TCP connection, not from `forwarded`.
+        return await self.pool.connect(cert or self.client_cert, self.waypoint, [identity], req, source_ip=src[0])
 
     async def h1(self, service: str = "web", port: int = 80, **kw: Any) -> H1Client:
         t = await self.tunnel(service, port, **kw)

@@ -449,3 +449,27 @@ spec:
             assert pods == {"web-v1", "web-v2"}
         finally:
             await source.stop()
+
+
+async def test_ip_blocks_see_the_tunnel_source_not_a_forged_forwarded_header():
+    from mesh.hbone import TunnelRequest
+    from tests.test_waypoint_server_env import H1Client
+
+    async with waypoint_env() as env:
+        env.apply("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-one-ip, namespace: default}
+spec:
+  targetRefs: [{group: "", kind: Service, name: web}]
+  action: ALLOW
+  rules: [{from: [{source: {ipBlocks: ["127.0.9.1/32"]}}]}]
+""")
+        honest = await env.h1()  # leaves from 127.0.9.1
+        assert (await honest.request("GET", "/ok")).status == 200
+        req = TunnelRequest(authority=f"{env.vip('web')}:80", src_addr=("127.0.9.1", 40000))
+        t = await env.pool.connect(env.client_cert, env.waypoint, ["spiffe://cluster.local/ns/default/sa/waypoint"],
+                                   req, source_ip="127.0.9.7")  # claims 127.0.9.1, comes from 127.0.9.7
+        r, w = t.streams()
+        forged = H1Client(r, w, t)
+        assert (await forged.request("GET", "/ok")).status == 403

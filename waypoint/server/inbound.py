@@ -130,11 +130,10 @@ class Inbound:
 
     async def _connect(self, info: ConnectInfo) -> socket.socket:
         authority = info.request.authority
-        fwd = info.request.forwarded
-        if fwd is not None and fwd.for_ip is not None:
-            source: tuple[str, int] | None = (str(fwd.for_ip), fwd.for_port or 0)
-        else:
-            source = info.peer_address
+        # The tunnel's own TCP source is the calling pod (its agent dials from inside it). The `forwarded`
+        # header is written by the caller: taking the source from it would let any mesh workload claim
+        # another address and pass an ipBlocks rule. So policy, logs and metrics use the TCP source.
+        source: tuple[str, int] | None = info.peer_address
         ctx = ConnectionContext(peer_identity=str(info.peer_identity), source=source,
                                 destination=(authority.host, authority.port), local=info.local_address,
                                 connect_traceparent=str(info.request.traceparent) if info.request.traceparent else None)
