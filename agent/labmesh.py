@@ -3,6 +3,11 @@
 The CA listens on the first node's fabric address (every node reaches it over the fabric, as agents reach
 a CA Service in a cluster); each agent gets its own node certificate and runs with `--config lab:NAME`.
 Used by the demo, the end-to-end tests and the benchmarks; everything it starts is stopped by `stop()`.
+
+With `kube=LabKube` (the lab's API server, `mesh.lab.kube`) it runs as in a cluster instead: the CA with
+`--placement kube --auth tokenreview`, agents with `--config kube`, each holding a service-account token
+bound to its node (registered in the API server double, as the kubelet's projected token would be), and
+each agent chaining its CNI plugin into its node's network configuration.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mesh.lab import Lab
 
 CA_PORT = 15012
+AGENT_ACCOUNT = ("nodemesh-system", "nodemesh-agent")
+CA_ACCOUNT = ("nodemesh-system", "nodemesh-ca")
+NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 
 
 def http_get_in_netns(netns_path: str, host: str, port: int, path: str, timeout: float = 5.0,
@@ -53,6 +62,7 @@ class MeshLab:
     redirect: str = "auto"
     cert_ttl: float | None = None
     extra_agent_args: list[str] = field(default_factory=list)
+    kube: Any = None  # mesh.lab.kube.LabKube: run in Kubernetes mode against the lab's API server
     ca_proc: subprocess.Popen | None = None
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -72,12 +82,17 @@ class MeshLab:
         ca_dir = self.workdir / "ca"
         subprocess.run(self._nodemesh("ca", "init", str(ca_dir), "--trust-domain", self.lab.state.trust_domain),
                        check=True, capture_output=True)
-        for node in self.lab.state.nodes:
-            subprocess.run(self._nodemesh("ca", "issue-node", node.name, "--ca-dir", str(ca_dir),
-                                          "--out", str(self.workdir / f"node-{node.name}")),
-                           check=True, capture_output=True)
         ca_args = ["ca", "serve", "--ca-dir", str(ca_dir), "--listen",
-                   f"{self.lab.node(self.ca_node).fabric_ip}:{CA_PORT}", "--placement", f"lab:{self.lab.name}"]
+                   f"{self.lab.node(self.ca_node).fabric_ip}:{CA_PORT}"]
+        if self.kube is not None:
+            ca_args += ["--placement", "kube", "--auth", "tokenreview", "--kubeconfig", str(self._kube_identities()),
+                        "--trusted-agents", "/".join(AGENT_ACCOUNT)]
+        else:
+            for node in self.lab.state.nodes:
+                subprocess.run(self._nodemesh("ca", "issue-node", node.name, "--ca-dir", str(ca_dir),
+                                              "--out", str(self.workdir / f"node-{node.name}")),
+                               check=True, capture_output=True)
+            ca_args += ["--placement", f"lab:{self.lab.name}"]
         if self.cert_ttl:
             ca_args += ["--ttl", str(self.cert_ttl)]
         self.ca_proc = self._spawn(self.ca_node, "ca", ca_args)
@@ -88,10 +103,41 @@ class MeshLab:
             self.wait_ready(node.name, timeout)
         return self
 
+    def _kube_identities(self) -> Path:
+        """Service-account tokens for the CA and for each node's agent, known to the API server as the
+        kubelet's bound tokens are (agent tokens name their node); returns the CA's kubeconfig."""
+        import secrets
+
+        kube = self.kube
+        groups = ("system:serviceaccounts", f"system:serviceaccounts:{AGENT_ACCOUNT[0]}", "system:authenticated")
+        for node in self.lab.state.nodes:
+            token = secrets.token_urlsafe(32)
+            kube.add_token(token, "system:serviceaccount:" + ":".join(AGENT_ACCOUNT), uid=secrets.token_hex(8),
+                           groups=groups, extra={NODE_NAME_EXTRA: [node.name]})
+            path = self.agent_token(node.name)
+            path.write_text(token)
+            path.chmod(0o600)
+            kube.write_kubeconfig(self.workdir / f"kubeconfig-{node.name}", token=token)
+        token = secrets.token_urlsafe(32)
+        kube.add_token(token, "system:serviceaccount:" + ":".join(CA_ACCOUNT), groups=groups)
+        return kube.write_kubeconfig(self.workdir / "kubeconfig-ca", token=token)
+
+    def agent_token(self, node: str) -> Path:
+        return self.workdir / f"token-{node}"
+
     def agent_args(self, node: str) -> list[str]:
         n = self.lab.node(node)
-        args = ["agent", "--node", node, "--config", f"lab:{self.lab.name}", "--ca-url", self.ca_url,
-                "--ca-creds", str(self.workdir / f"node-{node}"), "--redirect", self.redirect,
+        if self.kube is not None:
+            kube = self.kube
+            source = ["--config", "kube", "--kubeconfig", str(self.workdir / f"kubeconfig-{node}"),
+                      "--ca-token", str(self.agent_token(node)),
+                      "--ca-roots", str(self.workdir / "ca" / "root-cert.pem"),
+                      "--trust-domain", self.lab.state.trust_domain, "--host-proc", "/proc",
+                      "--cni-socket", str(kube.cni_socket(node)), "--cni-bin-dir", str(kube.cni_bin_dir),
+                      "--cni-conf-dir", str(kube.cni_conf_dir(node)), "--cni-interpreter", sys.executable]
+        else:
+            source = ["--config", f"lab:{self.lab.name}", "--ca-creds", str(self.workdir / f"node-{node}")]
+        args = ["agent", "--node", node, *source, "--ca-url", self.ca_url, "--redirect", self.redirect,
                 "--bpffs-root", f"/sys/fs/bpf/nodemesh-{self.lab.name}",
                 "--state-dir", str(self.workdir / f"redirect-{node}"),
                 "--node-address", f"{n.gateway}/32", "--drain", "1"]
@@ -183,6 +229,8 @@ class MeshLab:
         from agent.redirect.cleanup import cleanup_netns, cleanup_stale
 
         bpffs = f"/sys/fs/bpf/nodemesh-{self.lab.name}"
+        with contextlib.suppress(LookupError):
+            self.lab.state = Lab.attach(self.lab.name).state  # pods may have been added at run time
         for pod in self.lab.state.pods:
             state_dir = str(self.workdir / f"redirect-{pod.node}")
             with contextlib.suppress(Exception):

@@ -61,6 +61,11 @@ HOST_PATHS: tuple[HostPath, ...] = (
     HostPath("kernel-src", "/usr/src", True, "the header trees /lib/modules/*/build links point into",
              None, frozenset({"ebpf"})),
     HostPath("cni-socket", "/var/run/nodemesh", False, "the socket the chained CNI plugin waits on"),
+    HostPath("cni-bin", "/opt/cni/bin", False, "installing the nodemesh-cni plugin executable for the runtime",
+             mount_path="/host/opt/cni/bin"),
+    HostPath("cni-conf", "/etc/cni/net.d", False,
+             "chaining the plugin into the node's network config, and its kubeconfig (0600) for agent outages",
+             mount_path="/host/etc/cni/net.d"),
 )
 
 # Where the host's /proc is mounted inside the agent container (the container's own /proc is its own).

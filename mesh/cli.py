@@ -52,7 +52,47 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     topo = load_topology(source)
     lab = Lab.up(topo, name=args.name)
     _print_lab(lab)
+    if args.kube:
+        from mesh.lab.kube import LabKube
+
+        try:
+            kube = LabKube.start(lab)
+        except BaseException:
+            lab.down()
+            raise
+        print(f"API server {kube.url} (in the lab), {kube.host_url} (from this host)")
+        print(f"kubeconfig: {kube.kubeconfig}")
+        print(f"  export KUBECONFIG={kube.kubeconfig}; kubectl get pods -A -o wide")
     return 0
+
+
+def cmd_lab_add_pod(args: argparse.Namespace) -> int:
+    _require_root()
+    from mesh.lab.kube import LabKube
+
+    labels = dict(_key_value(v, "--label") for v in args.label or [])
+    annotations = dict(_key_value(v, "--annotation") for v in args.annotation or [])
+    kube = LabKube.attach(Lab.attach(args.name))
+    pod = kube.add_pod(args.pod, namespace=args.namespace, node=args.node, service_account=args.service_account,
+                       labels=labels, annotations=annotations)
+    print(f"pod {pod.namespace}/{pod.name} on {pod.node}: ip {pod.ip}, netns {pod.netns} (running)")
+    return 0
+
+
+def cmd_lab_delete_pod(args: argparse.Namespace) -> int:
+    _require_root()
+    from mesh.lab.kube import LabKube
+
+    LabKube.attach(Lab.attach(args.name)).delete_pod(args.pod)
+    print(f"pod {args.pod} deleted")
+    return 0
+
+
+def _key_value(value: str, flag: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise LabError(f"{flag} {value!r}: use KEY=VALUE")
+    return key, val
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
@@ -83,7 +123,14 @@ def cmd_lab_exec(args: argparse.Namespace) -> int:
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
     _require_root()
-    removed = down_all() if args.all else Lab.attach(args.name).down()
+    from mesh.lab.kube import forget, forget_all
+
+    if args.all:
+        forget_all()
+        removed = down_all()
+    else:
+        forget(args.name)
+        removed = Lab.attach(args.name).down()
     print(f"removed {len(removed)} network namespaces")
     return 0
 
@@ -107,7 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = lab_sub.add_parser("up", help="build a lab from a topology file (default: the embedded one)")
     p.add_argument("file", nargs="?", help="topology YAML (see docs/lab.md)")
     p.add_argument("--name", **name_kw)
+    p.add_argument("--kube", action="store_true",
+                   help="also run an API server test double for the lab and print its kubeconfig "
+                        "(see docs/kubernetes.md)")
     p.set_defaults(func=cmd_lab_up)
+
+    p = lab_sub.add_parser("add-pod", help="create a pod at run time as kubelet would (needs 'lab up --kube')")
+    p.add_argument("--name", **name_kw)
+    p.add_argument("pod", help="pod name")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--node", help="default: the first node")
+    p.add_argument("--service-account", default="default")
+    p.add_argument("--label", action="append", help="KEY=VALUE (repeatable)")
+    p.add_argument("--annotation", action="append", help="KEY=VALUE (repeatable)")
+    p.set_defaults(func=cmd_lab_add_pod)
+
+    p = lab_sub.add_parser("delete-pod", help="delete a pod added at run time (CNI DEL, sandbox removed)")
+    p.add_argument("--name", **name_kw)
+    p.add_argument("pod")
+    p.set_defaults(func=cmd_lab_delete_pod)
 
     p = lab_sub.add_parser("status", help="nodes, pods, IPs and netns names of a lab")
     p.add_argument("--name", **name_kw)

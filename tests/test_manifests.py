@@ -74,6 +74,53 @@ def test_agent_asks_for_exactly_what_the_code_needs(overlay):
         assert mounts[name].get("mountPropagation") == h.propagation, name
     assert needed["host-proc"].container_path == HOST_PROC_IN_CONTAINER
     assert f"--host-proc={HOST_PROC_IN_CONTAINER}" in c["args"]
+    # The CNI plugin is installed by the agent into the host directories it mounts for that, and only there.
+    assert f"--cni-bin-dir={needed['cni-bin'].container_path}" in c["args"]
+    assert f"--cni-conf-dir={needed['cni-conf'].container_path}" in c["args"]
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """Kubernetes' $(VAR) expansion in container args."""
+    out = []
+    for a in args:
+        for k, v in env.items():
+            a = a.replace(f"$({k})", v)
+        out.append(a)
+    return out
+
+
+def _parse(register, args: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="nodemesh", exit_on_error=False)
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(args)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_component_args_are_what_the_commands_accept(overlay):
+    """A renamed flag (--ca-address became --ca-url) must break here, not in a crash-looping pod."""
+    from agent.cli import register as agent_register
+    from mesh.ca.cli import register as ca_register
+
+    docs = render(overlay)
+    ds = find(docs, "DaemonSet", "nodemesh-agent")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    namespace = ds["metadata"]["namespace"]
+    args = _parse(agent_register, _expand(c["args"], {"NODE_NAME": "node-1", "POD_NAMESPACE": namespace}))
+    assert args.config == ["kube"] and args.ca_token and args.ca_roots and not args.ca_creds
+    assert args.ca_url == f"https://nodemesh-ca.{namespace}.svc:15012"
+    assert args.cni_exclude_namespaces.split(",") == ["kube-system", namespace]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert str(args.ca_token).rsplit("/", 1)[0] in mounts and str(args.ca_roots).rsplit("/", 1)[0] in mounts
+
+    dep = find(docs, "Deployment", "nodemesh-ca")
+    (ca,) = dep["spec"]["template"]["spec"]["containers"]
+    ca_args = _parse(ca_register, _expand(ca["args"], {"POD_NAMESPACE": namespace}))
+    assert (ca_args.placement, ca_args.auth) == ("kube", "tokenreview")
+    assert ca_args.trusted_agents == f"{namespace}/nodemesh-agent"
+    sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    assert (namespace, sa) == tuple(ca_args.trusted_agents.split("/"))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
