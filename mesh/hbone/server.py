@@ -100,6 +100,13 @@ class _Handshake(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.pause_reading()
+        # asyncio turns Nagle off only for sockets it created as IPPROTO_TCP; a listener made elsewhere
+        # (the agent's, inside a pod's namespace, with proto 0) would otherwise hold every small reply
+        # until the peer's delayed ACK.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server._spawn(self.server._accept(transport))
 
     def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
