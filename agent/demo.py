@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,7 @@ def run(name: str = "demo") -> int:
             a.kill()
             a.wait()
         mesh.stop()
+        shutil.rmtree(policies.parent, ignore_errors=True)
         removed = lab.down()
         _say(f"== torn down: agents, CA and {len(removed)} network namespaces "
              f"({time.monotonic() - started:.1f}s in all); {'OK' if ok else 'FAILED'}")

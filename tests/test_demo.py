@@ -12,6 +12,10 @@ from .conftest import unique_lab_name
 
 
 def test_demo_shows_mtls_identities_policy_and_metrics_then_cleans_up(require_root):
+    import glob
+    import tempfile
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/nodemesh-demo-*"))
     name = unique_lab_name()
     res = subprocess.run([sys.executable, "-m", "mesh.cli", "demo", "--name", name],
                          capture_output=True, text=True, timeout=300)
@@ -26,3 +30,4 @@ def test_demo_shows_mtls_identities_policy_and_metrics_then_cleans_up(require_ro
     assert "response_flags=DENY, connection_security_policy=mutual_tls" in out
     assert out.rstrip().endswith("OK")
     assert not [n for n in _list_netns() if n.startswith(lab_prefix(name))]
+    assert set(glob.glob(f"{tempfile.gettempdir()}/nodemesh-demo-*")) == before, "the demo left files behind"
