@@ -145,8 +145,8 @@ class MeshLab:
             args += ["--cert-ttl", str(self.cert_ttl)]
         return args + self.extra_agent_args
 
-    def start_agent(self, node: str) -> subprocess.Popen:
-        proc = self._spawn(node, f"agent-{node}", self.agent_args(node))
+    def start_agent(self, node: str, extra: list[str] | None = None) -> subprocess.Popen:
+        proc = self._spawn(node, f"agent-{node}", self.agent_args(node) + list(extra or ()))
         self.agents[node] = proc
         return proc
 

@@ -294,3 +294,45 @@ async def test_a_forged_forwarded_header_does_not_change_the_source_policy_sees(
     finally:
         await pool.close()
         set_policies(mesh, [])
+
+
+def test_shutdown_drains_live_connections_then_the_next_agent_takes_over(mesh):
+    """SIGTERM: no new connections, live ones keep working through the drain period, then are cut."""
+    server = mesh.lab.pod("server").ip
+    mesh.stop_agent("node-b")
+    mesh.start_agent("node-b", ["--drain", "8"])
+    mesh.wait_ready("node-b")
+    code = (
+        "import socket,sys\n"
+        "s=socket.create_connection((sys.argv[1],8080));s.settimeout(20);s.recv(64)\n"
+        "for line in sys.stdin:\n"
+        "  try:\n"
+        "    s.sendall(b'ping');d=s.recv(4);print(d.decode() or 'eof',flush=True)\n"
+        "  except OSError as e:\n"
+        "    print(type(e).__name__,flush=True)\n"
+    )
+    proc = mesh.lab.popen("client", [PY, "-c", code, server], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True)
+
+    def exchange() -> str:
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    agent = mesh.agents["node-b"]
+    try:
+        assert exchange() == "ping"
+        agent.send_signal(15)
+        time.sleep(0.5)
+        assert exchange() == "ping", "a live connection must survive the start of the drain"
+        # New connections are not taken while draining: refused at once, not left hanging.
+        assert "error" in send(mesh, "client", server)[0]
+        assert agent.wait(30) == 0
+        assert exchange() != "ping", "after the drain period the connection is cut"
+    finally:
+        proc.kill()
+        proc.wait()
+        mesh.agents.pop("node-b", None)
+        mesh.start_agent("node-b")
+        mesh.wait_ready("node-b")
+    assert send(mesh, "client", server)[0].get("match")
