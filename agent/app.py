@@ -40,7 +40,7 @@ from agent.metrics import TcpMetrics
 from agent.pod import PodProxy
 from agent.redirect import CaptureExclusions, PodNetInfo, RedirectController, RedirectError
 from mesh.ca import NodeCredentials
-from mesh.ca.client import CAClient
+from mesh.ca.client import CAClient, CAClientError
 from mesh.certmanager import CertificateManager
 from mesh.config import ConfigStore, SnapshotChange, Workload
 from mesh.config.filesource import FileSource, lab_state_source, local_config_source, policy_file_source
@@ -190,6 +190,24 @@ class Agent:
             raise ValueError(f"--ca-creds hold a certificate for node {creds.node!r}, not {cfg.node!r}")
         return creds
 
+    async def _trust_bundle(self) -> TrustBundle:
+        """The CA's bundle, waiting out a CA that is not up yet (backoff 0.5 s doubling to 30 s): an agent
+        that starts before its CA (a node reboot, a fresh cluster) must not crash-loop."""
+        assert self.ca is not None
+        delay = 0.5
+        while True:
+            try:
+                return await self.ca.trust_bundle()
+            except (CAClientError, OSError, TimeoutError) as e:
+                if self.stopping.is_set():
+                    raise
+                log.warning("CA %s not reachable (%s); retrying in %.1fs", self.cfg.ca_url, e, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+                if self.stopping.is_set():
+                    raise
+                delay = min(delay * 2, 30.0)
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         cfg = self.cfg
@@ -204,7 +222,7 @@ class Agent:
             await self._start_kube()
         ttl = timedelta(seconds=cfg.cert_ttl) if cfg.cert_ttl else None
         self.ca = CAClient(cfg.ca_url, creds, ttl=ttl)
-        bundle: TrustBundle = await self.ca.trust_bundle()
+        bundle = await self._trust_bundle()
         certs = CertificateManager(self.ca.fetch)
         trust_domain = self._trust_domain()
         self.ctx = AgentContext(node=cfg.node, store=self.store, certs=certs, bundle=bundle,

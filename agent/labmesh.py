@@ -95,13 +95,27 @@ class MeshLab:
             ca_args += ["--placement", f"lab:{self.lab.name}"]
         if self.cert_ttl:
             ca_args += ["--ttl", str(self.cert_ttl)]
-        self.ca_proc = self._spawn(self.ca_node, "ca", ca_args)
-        self._wait_port(self.ca_node, self.lab.node(self.ca_node).fabric_ip, CA_PORT, timeout)
+        self._ca_args = ca_args
+        self.start_ca(timeout)
         for node in self.lab.state.nodes:
             self.start_agent(node.name)
         for node in self.lab.state.nodes:
             self.wait_ready(node.name, timeout)
         return self
+
+    def start_ca(self, timeout: float = 60.0) -> None:
+        self.ca_proc = self._spawn(self.ca_node, "ca", self._ca_args)
+        self._wait_port(self.ca_node, self.lab.node(self.ca_node).fabric_ip, CA_PORT, timeout)
+
+    def stop_ca(self) -> None:
+        if self.ca_proc is not None:
+            self.ca_proc.terminate()
+            try:
+                self.ca_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.ca_proc.kill()
+                self.ca_proc.wait()
+            self.ca_proc = None
 
     def _kube_identities(self) -> Path:
         """Service-account tokens for the CA and for each node's agent, known to the API server as the
@@ -213,14 +227,7 @@ class MeshLab:
     def stop(self) -> None:
         for node in list(self.agents):
             self.stop_agent(node)
-        if self.ca_proc is not None:
-            self.ca_proc.terminate()
-            try:
-                self.ca_proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.ca_proc.kill()
-                self.ca_proc.wait()
-            self.ca_proc = None
+        self.stop_ca()
         self.release_pods()
         shutil.rmtree(self.workdir, ignore_errors=True)
 

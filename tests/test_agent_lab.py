@@ -336,3 +336,18 @@ def test_shutdown_drains_live_connections_then_the_next_agent_takes_over(mesh):
         mesh.start_agent("node-b")
         mesh.wait_ready("node-b")
     assert send(mesh, "client", server)[0].get("match")
+
+
+def test_an_agent_started_before_its_ca_waits_for_it_instead_of_exiting(mesh):
+    server = mesh.lab.pod("server").ip
+    mesh.stop_agent("node-b")
+    mesh.stop_ca()
+    try:
+        agent = mesh.start_agent("node-b")
+        time.sleep(2.0)
+        assert agent.poll() is None, mesh.log_tail("agent-node-b")
+        assert "not reachable" in mesh.log_text("agent-node-b")
+    finally:
+        mesh.start_ca()
+    mesh.wait_ready("node-b")
+    assert send(mesh, "client", server)[0].get("match")
