@@ -8,10 +8,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from mesh.lab import Lab, load_topology
 from mesh.lab.build import _list_netns
 from mesh.lab.state import lab_prefix
+
+# Property tests must not fail on a busy machine because one example was slow (no deadline), and a run
+# must be repeatable: CI explores the same examples every time (derandomize); failures then reproduce.
+settings.register_profile(
+    "nodemesh", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nodemesh"))
 
 TWO_NODES: dict[str, Any] = {
     "nodes": [
