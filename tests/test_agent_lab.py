@@ -85,8 +85,16 @@ def send(m: MeshLab, src: str, host: str, port: int = 8080, size: int = 65536, p
 
 
 def set_policies(m: MeshLab, docs: list[dict]) -> None:
+    """Write the policy file and wait until every agent's live config holds exactly these policies."""
     m.policy_file.write_text(yaml.safe_dump_all(docs))  # type: ignore[attr-defined]
-    time.sleep(1.5)  # the agents poll the file every 0.5 s
+    want = sorted(f"{d['metadata']['namespace']}/{d['metadata']['name']}" for d in docs)
+    deadline = time.monotonic() + 30  # a hang guard, not a timing assertion: agents poll every 0.5 s
+    while time.monotonic() < deadline:
+        if all(m.config_dump(n)["policies"] == want for n in m.agents):
+            time.sleep(0.2)  # the re-check of live connections runs right after the swap
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"agents did not load policies {want}")
 
 
 def metric(text: str, name: str, **labels: str) -> float:
