@@ -95,7 +95,10 @@ def run(name: str = "demo") -> int:
             "metadata: {name: only-sleep, namespace: default}\n"
             "spec:\n  selector: {matchLabels: {app: server}}\n  action: ALLOW\n"
             "  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/sleep]}}]}]\n")
-        time.sleep(1.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(
+                "default/only-sleep" in mesh.config_dump(n.name)["policies"] for n in lab.state.nodes):
+            time.sleep(0.1)  # the agents re-read the file within half a second
         allowed = _send(lab, "client", lab.pod("server").ip)
         denied = _send(lab, "other", lab.pod("server").ip)
         ok &= bool(allowed.get("match")) and not denied.get("match")
