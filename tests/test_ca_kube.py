@@ -402,3 +402,16 @@ def test_cli_refuses_token_options_without_tokenreview(tmp_path):
          "127.0.0.1:0", "--placement", "kube", "--kubeconfig", str(tmp_path / "missing")],
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_workload_tokens_obtain_their_own_identity_and_nothing_else(env, caplog):
+    """With --workload-tokens a service account that is not an agent may get its own identity (Istio's CA
+    rule, what a waypoint in a cluster needs); never another one, and never without the switch."""
+    assert await refusal(env.client("sleep-sa"), SLEEP) == (403, "not_a_node")  # the default: agents only
+    env.auth.workload_tokens = True
+    own = env.client("sleep-sa", name="sleep-own")
+    assert (await own.fetch(SLEEP)).identity == SLEEP
+    assert await refusal(own, HTTPBIN) == (403, "not_own_identity")
+    assert "may only obtain its own identity" in caplog.text
+    # Agents keep the node rule: node-a's agent still cannot get an identity that only runs on node-b.
+    assert await refusal(env.client("agent-a"), HTTPBIN) == (403, "not_on_node")

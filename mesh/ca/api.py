@@ -56,6 +56,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "not_a_node": 403,
     "foreign_trust_domain": 403,
     "not_on_node": 403,
+    "not_own_identity": 403,
     "placement_unavailable": 503,
     "auth_unavailable": 503,
     "ca_expired": 503,

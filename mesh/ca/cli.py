@@ -82,7 +82,7 @@ async def _serve(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(args.ca_dir)
     host, port = parse_listen(args.listen)
     kube = args.placement == "kube" or args.auth == "tokenreview"
-    if (args.trusted_agents or args.token_audience) and args.auth != "tokenreview":
+    if (args.trusted_agents or args.token_audience or args.workload_tokens) and args.auth != "tokenreview":
         raise UsageError("--trusted-agents and --token-audience need --auth tokenreview")
     if args.kubeconfig and not kube:
         raise UsageError("--kubeconfig is only used with --placement kube or --auth tokenreview")
@@ -112,7 +112,8 @@ async def _serve(args: argparse.Namespace) -> int:
             authenticator = TokenReviewAuthenticator(
                 api, trusted_agents=args.trusted_agents or DEFAULT_TRUSTED_AGENTS,
                 audience=args.token_audience or DEFAULT_AUDIENCE,
-                pods=placement if isinstance(placement, KubePodPlacement) else None)
+                pods=placement if isinstance(placement, KubePodPlacement) else None,
+                workload_tokens=args.workload_tokens)
         return await _run_server(args, CAServer(ca, placement, ttl=_ttl(args.ttl, DEFAULT_WORKLOAD_TTL),
                                                 server_names=args.server_name or [DEFAULT_SERVER_NAME],
                                                 authenticator=authenticator), host, port)
@@ -219,6 +220,9 @@ def register(subparsers: Any) -> None:
                    help="service accounts whose tokens may ask for certificates "
                         "(default nodemesh-system/nodemesh-agent)")
     p.add_argument("--token-audience", help="the audience agents' tokens must be for (default nodemesh-ca)")
+    p.add_argument("--workload-tokens", action="store_true",
+                   help="with --auth tokenreview: any other service account may obtain its own identity "
+                        "(and only that), e.g. waypoints; off by default")
     p.add_argument("--ttl", type=float, help="workload certificate lifetime in seconds (default 86400)")
     p.add_argument("--metrics", "--metrics-listen", dest="metrics", help="HOST:PORT for plain-HTTP /metrics")
     p.add_argument("--server-name", action="append",

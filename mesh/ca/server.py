@@ -18,6 +18,7 @@ import json
 import logging
 import ssl
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -42,7 +43,7 @@ from mesh.ca.authority import DEFAULT_WORKLOAD_TTL, CertificateAuthority, check_
 from mesh.ca.metrics import CAMetrics
 from mesh.ca.nodeid import parse_node_uri
 from mesh.ca.placement import PlacementError, PlacementSource
-from mesh.identity import IdentityError, mtls_server_context, uri_sans, verify_chain
+from mesh.identity import IdentityError, SpiffeId, mtls_server_context, uri_sans, verify_chain
 from mesh.identity.credentials import Credentials
 
 log = logging.getLogger("nodemesh.ca")
@@ -60,15 +61,25 @@ class Refusal(Exception):
         self.message = message
 
 
+@dataclass(frozen=True)
+class WorkloadPrincipal:
+    """An authenticator's answer for a workload asking for itself (not a node agent): it may obtain exactly
+    the identity of its own service account, wherever it runs, as Istio's CA lets a workload do. Waypoints
+    in a cluster get their certificate this way."""
+
+    namespace: str
+    service_account: str
+
+
 class NodeAuthenticator(Protocol):
     """Who is asking: returns the node name (or an awaitable of it, for one that asks another service, as
     ``mesh.ca.kube.TokenReviewAuthenticator`` does) or raises Refusal. One with ``client_certificates =
     False`` makes the CA's TLS ask for no client certificate."""
 
-    def authenticate(self, request: web.Request) -> str | Awaitable[str]: ...
+    def authenticate(self, request: web.Request) -> str | WorkloadPrincipal | Awaitable[str | WorkloadPrincipal]: ...
 
 
-async def _authenticate(authenticator: NodeAuthenticator, request: web.Request) -> str:
+async def _authenticate(authenticator: NodeAuthenticator, request: web.Request) -> str | WorkloadPrincipal:
     result = authenticator.authenticate(request)
     return await result if inspect.isawaitable(result) else result
 
@@ -191,7 +202,9 @@ class CAServer:
         peer = request.remote
         node: str | None = None
         try:
-            node = await _authenticate(self.authenticator, request)
+            principal = await _authenticate(self.authenticator, request)
+            node = (principal if isinstance(principal, str)
+                    else f"workload:{principal.namespace}/{principal.service_account}")
             try:
                 raw = await request.read()
                 body = SignRequest.model_validate(json.loads(raw))
@@ -205,15 +218,23 @@ class CAServer:
                 info = self.ca.check_csr(body.csr)
             except IdentityError as exc:
                 raise Refusal(exc.code, str(exc)) from None
-            try:
-                allowed = self.placement.identities_on_node(node)
-            except PlacementError as exc:
-                raise Refusal("placement_unavailable", f"pod placement unknown, refusing to sign: {exc}") from None
-            if info.identity not in allowed:
-                raise Refusal(
-                    "not_on_node",
-                    f"node {node!r} has no pod with identity {info.identity} ({self.placement.describe()})",
-                )
+            if isinstance(principal, WorkloadPrincipal):
+                own = SpiffeId(self.ca.trust_domain, principal.namespace, principal.service_account)
+                if info.identity != own:
+                    raise Refusal("not_own_identity",
+                                  f"service account {principal.namespace}/{principal.service_account} may only "
+                                  f"obtain its own identity {own}, not {info.identity}")
+            else:
+                try:
+                    allowed = self.placement.identities_on_node(node)
+                except PlacementError as exc:
+                    raise Refusal("placement_unavailable",
+                                  f"pod placement unknown, refusing to sign: {exc}") from None
+                if info.identity not in allowed:
+                    raise Refusal(
+                        "not_on_node",
+                        f"node {node!r} has no pod with identity {info.identity} ({self.placement.describe()})",
+                    )
             ttl = self.ttl if body.ttl_seconds is None else min(self.ttl, timedelta(seconds=body.ttl_seconds))
             try:
                 chain = self.ca.sign(info.identity, info.public_key, ttl)

@@ -37,7 +37,7 @@ from mesh.ca.kube.api import KubeApi, KubeApiError
 from mesh.ca.kube.placement import PodFacts
 from mesh.ca.nodeid import validate_node_name
 from mesh.ca.placement import PlacementError
-from mesh.ca.server import Refusal
+from mesh.ca.server import Refusal, WorkloadPrincipal
 from mesh.identity import IdentityError
 
 log = logging.getLogger("nodemesh.ca.kube")
@@ -131,9 +131,12 @@ class TokenReviewAuthenticator:
 
     def __init__(self, api: KubeApi, *, trusted_agents: Iterable[str] | str = DEFAULT_TRUSTED_AGENTS,
                  audience: str = DEFAULT_AUDIENCE, pods: PodLookup | None = None, cache_ttl: float = 10.0,
-                 cache_size: int = 1024, timeout: float = 10.0) -> None:
+                 cache_size: int = 1024, timeout: float = 10.0, workload_tokens: bool = False) -> None:
         self.api = api
         self.trusted = parse_trusted_agents(trusted_agents)
+        # Off by default: then only node agents obtain certificates. On, any other service account may obtain
+        # its own identity (and only that), as Istio's CA allows; waypoints in a cluster need it.
+        self.workload_tokens = workload_tokens
         if not audience:
             raise ValueError("--token-audience must not be empty")
         self.audience = audience
@@ -145,8 +148,10 @@ class TokenReviewAuthenticator:
         self._cache: OrderedDict[bytes, tuple[float, ReviewedToken]] = OrderedDict()
         self._locks: dict[bytes, asyncio.Lock] = {}
 
-    async def authenticate(self, request: web.Request) -> str:
+    async def authenticate(self, request: web.Request) -> str | WorkloadPrincipal:
         reviewed = await self.review(bearer_token(request))
+        if (reviewed.namespace, reviewed.service_account) not in self.trusted and self.workload_tokens:
+            return WorkloadPrincipal(reviewed.namespace, reviewed.service_account)
         if (reviewed.namespace, reviewed.service_account) not in self.trusted:
             trusted = ", ".join(sorted(f"{n}/{s}" for n, s in self.trusted))
             raise Refusal("not_a_node", f"service account {reviewed.namespace}/{reviewed.service_account} is not a "
