@@ -415,3 +415,27 @@ async def test_workload_tokens_obtain_their_own_identity_and_nothing_else(env, c
     assert "may only obtain its own identity" in caplog.text
     # Agents keep the node rule: node-a's agent still cannot get an identity that only runs on node-b.
     assert await refusal(env.client("agent-a"), HTTPBIN) == (403, "not_on_node")
+
+
+async def test_a_waypoint_gets_and_keeps_its_own_certificate_with_its_token(env, tmp_path, monkeypatch):
+    """`nodemesh waypoint --ca-url --ca-token --ca-roots` (file or env:, as the controller passes it)."""
+    import argparse
+
+    from waypoint.cli import CliError, _certificate_from_ca
+
+    env.auth.workload_tokens = True
+    token = tmp_path / "waypoint-token"
+    token.write_text("sleep-sa\n")
+    roots = tmp_path / "roots.pem"
+    roots.write_bytes(env.roots.roots_pem())
+    monkeypatch.setenv("WAYPOINT_ROOTS", env.roots.roots_pem().decode())
+    for roots_arg in (str(roots), "env:WAYPOINT_ROOTS"):
+        args = argparse.Namespace(ca_url=f"https://127.0.0.1:{env.ca_port}", ca_token=str(token), ca_roots=roots_arg)
+        manager, current = await _certificate_from_ca(args, SLEEP)
+        try:
+            assert current().identity == SLEEP and current().is_valid()
+        finally:
+            await manager.aclose()
+    args = argparse.Namespace(ca_url=f"https://127.0.0.1:{env.ca_port}", ca_token=str(token), ca_roots=str(roots))
+    with pytest.raises(CliError, match=r"not_own_identity|may only obtain its own identity"):
+        await _certificate_from_ca(args, HTTPBIN)

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ def register(subparsers: Any) -> None:
     creds = p.add_mutually_exclusive_group(required=True)
     creds.add_argument("--cert-dir", help="cert-chain.pem, key.pem (0600) and root-cert.pem")
     creds.add_argument("--ca", help="a local CA directory to issue the waypoint's certificate from (lab use)")
+    creds.add_argument("--ca-url", help="https://HOST:PORT of the mesh CA: obtain and renew the certificate there "
+                                        "with the waypoint's own service-account token (the CA needs "
+                                        "--workload-tokens)")
+    p.add_argument("--ca-token", help="with --ca-url: the projected service-account token file (audience nodemesh-ca)")
+    p.add_argument("--ca-roots", help="with --ca-url: the CA's root certificate (PEM)")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--listen", default="0.0.0.0:15008", help="HBONE listener (default 0.0.0.0:15008)")
     p.add_argument("--hbone-port", type=int, default=15008, help="the destination agents' HBONE port")
@@ -68,13 +74,22 @@ def register(subparsers: Any) -> None:
     c.add_argument("--kubeconfig", help="default: in-cluster, then $KUBECONFIG or ~/.kube/config")
     c.add_argument("--image", default=None, help="the waypoint image (default: the project's release image)")
     c.add_argument("--trust-domain", default="cluster.local")
+    c.add_argument("--ca-url", default=None, help="the CA waypoints obtain their certificate from "
+                                                  "(default https://nodemesh-ca.nodemesh-system.svc:15012)")
+    c.add_argument("--ca-roots", required=True, help="the CA's root certificate (PEM), passed on to every waypoint")
     c.set_defaults(func=cmd_controller)
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
-    from waypoint.controller import DEFAULT_IMAGE, Settings, run_controller
+    from waypoint.controller import DEFAULT_CA_URL, DEFAULT_IMAGE, Settings, run_controller
 
-    settings = Settings(image=args.image or DEFAULT_IMAGE, trust_domain=args.trust_domain)
+    try:
+        roots = Path(args.ca_roots).read_text()
+    except OSError as exc:
+        print(f"nodemesh waypoint-controller: --ca-roots {args.ca_roots}: {exc.strerror}")
+        return 2
+    settings = Settings(image=args.image or DEFAULT_IMAGE, trust_domain=args.trust_domain,
+                        ca_url=args.ca_url or DEFAULT_CA_URL, ca_roots_pem=roots)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_controller(args.kubeconfig, settings))
     return 0
@@ -122,6 +137,45 @@ def _certificate(args: argparse.Namespace, identity: Any) -> Any:
         raise CliError(f"certificate: {exc}") from exc
 
 
+async def _certificate_from_ca(args: argparse.Namespace, identity: Any) -> tuple[Any, Any]:
+    """A certificate manager fed by the CA with the waypoint's own token: renewed at half life, and the
+    previous certificate served while a renewal is pending (a callable, read at each handshake)."""
+    from mesh.ca.client import CAClient, CAClientError
+    from mesh.ca.kube import TokenCredentials
+    from mesh.certmanager import CertificateManager, CertUnavailable
+    from mesh.identity import IdentityError, SpiffeId, TrustBundle
+
+    if not (args.ca_token and args.ca_roots):
+        raise CliError("--ca-url needs --ca-token and --ca-roots")
+    try:
+        if args.ca_roots.startswith("env:"):  # the controller hands the root certificate over in the pod spec
+            pem = os.environ.get(args.ca_roots[4:], "")
+            if not pem.strip():
+                raise CliError(f"--ca-roots {args.ca_roots}: the environment variable is empty")
+            creds = TokenCredentials(Path(args.ca_token), TrustBundle.from_pem(pem.encode()))
+        else:
+            creds = TokenCredentials.read(args.ca_token, args.ca_roots)
+        client = CAClient(args.ca_url, creds)
+    except (IdentityError, ValueError) as exc:
+        raise CliError(f"--ca-url: {exc}") from exc
+    sid = SpiffeId.parse(str(identity))
+    manager = CertificateManager(client.fetch)
+    try:
+        first = await manager.get(sid, timeout=60)
+    except (CertUnavailable, CAClientError) as exc:
+        await manager.aclose()
+        raise CliError(f"certificate from {args.ca_url}: {exc}") from exc
+    latest = [first]
+
+    def current() -> Any:
+        cert = manager.current(sid)
+        if cert is not None:
+            latest[0] = cert
+        return latest[0]
+
+    return manager, current
+
+
 async def _run(args: argparse.Namespace) -> int:
     from mesh.config import ConfigStore as MeshStore
     from waypoint.app import WaypointApp, WaypointSettings
@@ -159,7 +213,11 @@ async def _run(args: argparse.Namespace) -> int:
         source.poll()
         if source.last_error:
             log.error("mesh config: %s", source.last_error)
-    cert = _certificate(args, settings.identity)
+    manager = None
+    if args.ca_url:
+        manager, cert = await _certificate_from_ca(args, settings.identity)
+    else:
+        cert = _certificate(args, settings.identity)
     app = WaypointApp(settings, cert=cert, mesh=mesh, filters=filters)
     config_dir = ConfigDirSource(app.config, args.config_dir) if args.config_dir else None
     watch = None
@@ -194,4 +252,6 @@ async def _run(args: argparse.Namespace) -> int:
             await kube_mesh.stop()
             await kube_mesh.kube.close()
         await app.close(drain_timeout=5.0)
+        if manager is not None:
+            await manager.aclose()
     return 0

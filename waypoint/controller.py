@@ -66,12 +66,20 @@ def validate_gateway(gw: dict[str, Any]) -> None:
                              f"must be one of {', '.join(WAYPOINT_FOR)} (got {wf!r})")
 
 
+DEFAULT_CA_URL = "https://nodemesh-ca.nodemesh-system.svc:15012"
+CA_ROOTS_ENV = "NODEMESH_CA_ROOTS_PEM"
+
+
 @dataclass(frozen=True)
 class Settings:
     image: str = DEFAULT_IMAGE
     trust_domain: str = "cluster.local"
     classes: Sequence[str] = WAYPOINT_CLASSES
     resync: float = 300.0
+    ca_url: str = DEFAULT_CA_URL
+    # The CA's root certificate (PEM), handed to each waypoint in its pod spec: public data, and it spares
+    # copying a ConfigMap into every namespace that has a waypoint.
+    ca_roots_pem: str = ""
 
 
 def _labels(gw: dict[str, Any]) -> dict[str, str]:
@@ -93,7 +101,9 @@ def desired_objects(gw: dict[str, Any], settings: Settings = Settings()) -> list
     selector = {GATEWAY_NAME_LABEL: name}
     sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, **common}}
     args = ["waypoint", f"--name={ns}/{name}", "--kube", "--mesh-config=kube",
-            f"--trust-domain={settings.trust_domain}", "--cert-dir=/var/run/secrets/nodemesh/workload",
+            f"--trust-domain={settings.trust_domain}", f"--ca-url={settings.ca_url}",
+            "--ca-token=/var/run/secrets/nodemesh/tokens/nodemesh-token",
+            f"--ca-roots=env:{CA_ROOTS_ENV}",
             "--listen=0.0.0.0:15008", "--admin=0.0.0.0:15020"]
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -123,11 +133,15 @@ def desired_objects(gw: dict[str, Any], settings: Settings = Settings()) -> list
                         "securityContext": {"allowPrivilegeEscalation": False, "privileged": False,
                                             "readOnlyRootFilesystem": True,
                                             "capabilities": {"drop": ["ALL"]}},
-                        "volumeMounts": [{"name": "workload-certs", "mountPath": "/var/run/secrets/nodemesh/workload",
-                                          "readOnly": True}],
+                        "env": [{"name": CA_ROOTS_ENV, "value": settings.ca_roots_pem}],
+                        "volumeMounts": [
+                            {"name": "ca-token", "mountPath": "/var/run/secrets/nodemesh/tokens", "readOnly": True}],
                     }],
-                    "volumes": [{"name": "workload-certs", "secret": {"secretName": f"{name}-workload-certs",
-                                                                      "defaultMode": 0o400}}],
+                    # The waypoint obtains its own identity from the CA with its service-account token (the
+                    # CA runs with --workload-tokens); the CA's root certificate comes in the pod spec.
+                    "volumes": [
+                        {"name": "ca-token", "projected": {"sources": [{"serviceAccountToken": {
+                            "audience": "nodemesh-ca", "expirationSeconds": 43200, "path": "nodemesh-token"}}]}}],
                 },
             },
         },
