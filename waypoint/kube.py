@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import load_kube_config
-from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
+
+from mesh.kube.config import load_configuration as load_configuration  # the shared loader, re-exported
 
 log = logging.getLogger("waypoint.kube")
 MERGE = "application/merge-patch+json"
@@ -29,19 +27,6 @@ class KubeError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
-
-
-async def load_configuration(kubeconfig: str | None = None) -> Configuration:
-    cfg = Configuration()
-    if kubeconfig:
-        await load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        InClusterConfigLoader(token_filename="/var/run/secrets/kubernetes.io/serviceaccount/token",
-                              cert_filename="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt").load_and_set(cfg)
-    else:
-        path = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
-        await load_kube_config(config_file=path, client_configuration=cfg)
-    return cfg
 
 
 def resource_path(group: str, version: str, plural: str, namespace: str | None = None, name: str | None = None,

@@ -9,26 +9,17 @@ layer (dependencies point from the agent to `mesh`, never back), so this is its 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
-from kubernetes_asyncio.config import ConfigException, load_kube_config
-from kubernetes_asyncio.config.incluster_config import (
-    SERVICE_CERT_FILENAME,
-    SERVICE_HOST_ENV_NAME,
-    SERVICE_TOKEN_FILENAME,
-    InClusterConfigLoader,
-)
+
+# The shared loader; re-exported under the names this package has always used.
+from mesh.kube.config import KubeConfigError as KubeConfigurationError  # noqa: F401
+from mesh.kube.config import load_configuration as load_configuration
 
 MAX_LINE = 16 * 1024 * 1024
-
-
-class KubeConfigurationError(ValueError):
-    """No usable API server configuration; the message names the source tried and the cause."""
 
 
 class KubeApiError(Exception):
@@ -56,38 +47,6 @@ class KubeApiError(Exception):
         """The watch cannot resume from our resourceVersion (410 Gone, or a server that restarted with
         fresh state and has not reached it): list again."""
         return self.code == 410 or "ResourceVersionTooLarge" in self.causes
-
-
-async def load_configuration(kubeconfig: str | os.PathLike[str] | None = None,
-                             environ: Mapping[str, str] | None = None) -> Configuration:
-    """An explicit kubeconfig; else the pod's service account (the CA Deployment); else `$KUBECONFIG` or
-    `~/.kube/config`, as client-go tools look."""
-    env = os.environ if environ is None else environ
-    cfg = Configuration()
-    candidates: list[str] = []
-    if kubeconfig:
-        candidates = [str(kubeconfig)]
-    elif env.get(SERVICE_HOST_ENV_NAME):
-        try:
-            InClusterConfigLoader(token_filename=SERVICE_TOKEN_FILENAME, cert_filename=SERVICE_CERT_FILENAME,
-                                  environ=dict(env)).load_and_set(cfg)
-        except (ConfigException, OSError) as err:
-            raise KubeConfigurationError(f"in-cluster Kubernetes configuration: {err}") from None
-        return cfg
-    else:
-        candidates = [p for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
-        candidates.append(str(Path(env.get("HOME", "~")).expanduser() / ".kube" / "config"))
-    for path in candidates:
-        if Path(path).is_file():
-            try:
-                await load_kube_config(config_file=path, client_configuration=cfg)
-            except (ConfigException, OSError, ValueError, KeyError, TypeError) as err:
-                raise KubeConfigurationError(f"kubeconfig {path}: {err}") from None
-            return cfg
-    if kubeconfig:
-        raise KubeConfigurationError(f"--kubeconfig {kubeconfig}: no such file")
-    raise KubeConfigurationError("no Kubernetes configuration: not in a cluster (KUBERNETES_SERVICE_HOST unset), "
-                                 "no --kubeconfig, no $KUBECONFIG file and no ~/.kube/config")
 
 
 class KubeApi:
