@@ -18,7 +18,8 @@ import contextlib
 import logging
 import random
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from agent.accesslog import AccessRecord
 from agent.context import AgentContext, peer_of, spiffe_of
@@ -43,7 +44,6 @@ from mesh.hbone import (
     workload_baggage,
 )
 from mesh.identity import WorkloadCert
-from mesh.netns import NetnsWorker
 
 log = logging.getLogger("nodemesh.agent.pod")
 
@@ -60,6 +60,16 @@ def _addr(a: tuple[str, int] | Sequence[object]) -> str:
     return f"{a[0]}:{a[1]}"
 
 
+@dataclass
+class _HboneStream:
+    """What inbound HBONE knows of one stream between the policy check and its end."""
+
+    labels: ConnLabels
+    rec: AccessRecord
+    conn: ConnInfo
+    live_id: int = 0
+
+
 class SocketStock:
     """Marked sockets made ahead of time in the pod's namespace.
 
@@ -67,16 +77,14 @@ class SocketStock:
     hop off the path of every new connection.
     """
 
-    def __init__(self, worker: NetnsWorker, size: int = 8) -> None:
-        self.worker = worker
+    def __init__(self, make: Callable[[], Awaitable[socket.socket]], size: int = 8) -> None:
+        self.make = make
         self.size = size
         self._ready: list[socket.socket] = []
         self._refilling: asyncio.Task[None] | None = None
 
-    @staticmethod
-    def _make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MESH_MARK)
+    async def _make(self) -> socket.socket:
+        s = await self.make()
         s.setblocking(False)
         return s
 
@@ -84,18 +92,15 @@ class SocketStock:
         if self._ready:
             sock = self._ready.pop()
         else:
-            sock = await self.worker.arun(self._make)
+            sock = await self._make()
         if len(self._ready) < self.size // 2 and (self._refilling is None or self._refilling.done()):
             self._refilling = asyncio.ensure_future(self._refill())
         return sock
 
-    def get_blocking(self) -> socket.socket:
-        return self._ready.pop() if self._ready else self.worker.run(self._make)
-
     async def _refill(self) -> None:
         with contextlib.suppress(RuntimeError):  # worker closed while refilling
             while len(self._ready) < self.size:
-                self._ready.append(await self.worker.arun(self._make))
+                self._ready.append(await self._make())
 
     def close(self) -> None:
         for s in self._ready:
@@ -112,8 +117,7 @@ class PodProxy:
         self.redirection = redirection
         self.ip = str(redirection.pod.ip)
         self.identity = spiffe_of(workload)
-        self.worker = NetnsWorker(redirection.netns_fd, name=f"netns-{workload.name}")
-        self.stock = SocketStock(self.worker)
+        self.stock = SocketStock(redirection.socket_async)
         # Towards the app the client's address is kept (IP_TRANSPARENT); both backends route the app's
         # replies back to the agent's socket. With eBPF the connection must also be announced (below).
         self.spoof = redirection.backend == "nftables" or redirection.program is not None
@@ -126,7 +130,7 @@ class PodProxy:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept_tasks: list[asyncio.Task[None]] = []
-        self._hbone_meta: dict[tuple[int, int], tuple[ConnLabels, AccessRecord, int]] = {}
+        self._hbone_meta: dict[tuple[int, int], _HboneStream] = {}
         self._rng = random.Random()
         self._closing = False
 
@@ -160,7 +164,6 @@ class PodProxy:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self.pool.close(drain_timeout=0.5)
         self.stock.close()
-        self.worker.close()
 
     async def _accept_loop(self, listener: socket.socket, handler: object) -> None:
         loop = asyncio.get_running_loop()
@@ -201,7 +204,7 @@ class PodProxy:
         snap = ctx.store.snapshot
         for _attempt in range(MAX_ENDPOINT_ATTEMPTS):
             plan = plan_outbound(snap, self.workload, dst_ip, dst_port, lambda k: self._choose(k, failed))
-            self._label_destination(labels, rec, plan, snap)
+            self._label_destination(labels, rec, plan)
             if isinstance(plan, Refuse):
                 labels.response_flags = plan.flag
                 rec.error = plan.reason if not failed else f"{rec.error}; {plan.reason}"
@@ -230,7 +233,7 @@ class PodProxy:
         ctx.access_log.write(rec)
         _rst_close(conn)
 
-    def _label_destination(self, labels: ConnLabels, rec: AccessRecord, plan: object, snap: MeshSnapshot) -> None:
+    def _label_destination(self, labels: ConnLabels, rec: AccessRecord, plan: object) -> None:
         wl: Workload | None = getattr(plan, "workload", None)
         svc = getattr(plan, "service", None)
         if isinstance(plan, Hbone):
@@ -391,15 +394,16 @@ class PodProxy:
                            src_identity=principal, dst_workload=self.workload.name,
                            dst_namespace=self.workload.namespace, dst_identity=str(self.identity))
         self._service_of(port, labels, rec, snap)
-        decision = authorize(ConnInfo(src_ip=client_ip, dst_ip=self.ip, dst_port=port,
-                                      src_identity=info.peer_identity, src_port=_src_port(info)), snap)
+        conn = ConnInfo(src_ip=client_ip, dst_ip=self.ip, dst_port=port, src_identity=info.peer_identity,
+                        src_port=_src_port(info))
+        decision = authorize(conn, snap)
         if not decision.allowed:
             labels.response_flags = "DENY"
             rec.error = f"policy rejection: {decision}"
             ctx.metrics.refused(labels)
             ctx.access_log.write(rec)
             return False
-        self._hbone_meta[(info.connection_id, info.stream_id)] = (labels, rec, 0)
+        self._hbone_meta[(info.connection_id, info.stream_id)] = _HboneStream(labels, rec, conn)
         return True
 
     async def _dial_app_hbone(self, info: ConnectInfo) -> socket.socket:
@@ -409,28 +413,23 @@ class PodProxy:
         except (OSError, TimeoutError) as e:
             meta = self._hbone_meta.pop(key, None)
             if meta is not None:
-                labels, rec, _ = meta
-                labels.response_flags = "CONNECT"
-                rec.error = f"connecting to the application failed: {e}"
-                self.ctx.metrics.refused(labels)
-                self.ctx.access_log.write(rec)
+                meta.labels.response_flags = "CONNECT"
+                meta.rec.error = f"connecting to the application failed: {e}"
+                self.ctx.metrics.refused(meta.labels)
+                self.ctx.access_log.write(meta.rec)
             raise
         meta = self._hbone_meta.get(key)
         if meta is not None:
-            labels, rec, _ = meta
-            conn_info = ConnInfo(src_ip=self._client_ip(info), dst_ip=self.ip, dst_port=info.destination[1],
-                                 src_identity=info.peer_identity, src_port=_src_port(info))
-            cid = self.live.add(conn_info, lambda why: self._cut(up), rec.src_addr)
-            self._hbone_meta[key] = (labels, rec, cid)
-            self.ctx.metrics.open(labels)
+            meta.live_id = self.live.add(meta.conn, lambda why: self._cut(up), meta.rec.src_addr)
+            self.ctx.metrics.open(meta.labels)
         return up
 
     def _hbone_closed(self, info: ConnectInfo, stats: TunnelStats) -> None:
         meta = self._hbone_meta.pop((info.connection_id, info.stream_id), None)
         if meta is None:
             return
-        labels, rec, cid = meta
-        self.live.remove(cid)
+        labels, rec = meta.labels, meta.rec
+        self.live.remove(meta.live_id)
         # The relay's `sent` is app -> tunnel (back to the client), `received` tunnel -> app.
         rec.bytes_sent, rec.bytes_recv = stats.sent, stats.received
         rec.error = (stats.error or "reset") if stats.reset else ""

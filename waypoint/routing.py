@@ -504,10 +504,6 @@ def redirect_reply(redirect: Redirect, entry: RouteEntry | None, request: Reques
     return LocalReply(redirect.status, b"", (("location", location),), frozenset(), "direct_response")
 
 
-def is_local(result: RouteDecision | DirectResponse) -> bool:
-    return isinstance(result, LocalReply)
-
-
 __all__ = [
     "DirectResponse",
     "Headers",

@@ -52,8 +52,3 @@ class LiveConnections:
                 conn.close(f"denied after policy change: {decision.reason}")
                 closed.append(conn.label)
         return closed
-
-    def close_all(self, reason: str) -> None:
-        for conn in list(self._conns.values()):
-            conn.close(reason)
-        self._conns.clear()

@@ -197,10 +197,6 @@ def link_ids() -> Iterator[int]:
     return _ids(BPF_LINK_GET_NEXT_ID)
 
 
-def prog_ids() -> Iterator[int]:
-    return _ids(BPF_PROG_GET_NEXT_ID)
-
-
 def map_ids() -> Iterator[int]:
     return _ids(BPF_MAP_GET_NEXT_ID)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from agent.redirect import ebpf, nftables, routing
 from agent.redirect import state as st
-from agent.redirect.listeners import PodListeners, create_listeners, mark_socket
+from agent.redirect.listeners import PodListeners, create_listeners, marked_socket
 from agent.redirect.model import (
     BACKENDS,
     DEFAULT_BPFFS_ROOT,
@@ -81,24 +81,20 @@ class PodRedirection:
     def uid(self) -> str:
         return self.pod.uid
 
-    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
-        """A new marked socket in the pod's namespace, for the agent's own connections
-        made on the pod's behalf (they leave with the pod's IP and are never captured)."""
+    def _netns_worker(self) -> NetnsWorker:
         with self._lock:
             if self._worker is None:
                 self._worker = NetnsWorker(self.netns_fd, name=f"netns-{self.pod.label}")
-            worker = self._worker
+            return self._worker
 
-        def make() -> socket.socket:
-            s = socket.socket(family, type)
-            try:
-                mark_socket(s)
-            except BaseException:
-                s.close()
-                raise
-            return s
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+        """A new marked socket in the pod's namespace, for the agent's own connections
+        made on the pod's behalf (they leave with the pod's IP and are never captured)."""
+        return self._netns_worker().run(marked_socket, family, type)
 
-        return worker.run(make)
+    async def socket_async(self) -> socket.socket:
+        """`socket()` without blocking the event loop (the namespace hop runs on the pod's worker)."""
+        return await self._netns_worker().arun(marked_socket)
 
     def _release(self) -> None:
         """Close what this process holds for the pod; kernel state is not touched."""
@@ -505,9 +501,6 @@ class RedirectController:
 
     async def remove_async(self, pod_uid: str) -> bool:
         return await asyncio.to_thread(self.remove, pod_uid)
-
-    async def adopt_existing_async(self) -> list[PodRedirection]:
-        return await asyncio.to_thread(self.adopt_existing)
 
 
 def _resolve_path(ns: str | os.PathLike[str]) -> str:

@@ -2,8 +2,8 @@
 
 Lifecycle, and why:
 
-* **Compile once per process.** :func:`shared_program` compiles ``bpf/sk_lookup.c`` with
-  bcc the first time it is called and hands every later caller the same loaded program;
+* **Compile once per process.** The controller compiles ``bpf/sk_lookup.c`` (in a loader
+  child, see :func:`compile_in_child`) the first time it needs it and reuses the program;
   every pod namespace gets a link to that one program, and per-pod settings are map
   entries keyed by pod IP (the C file says why not by namespace).
 * **One link per pod namespace, pinned.** ``BPF_LINK_CREATE`` attaches the program to the
@@ -33,7 +33,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -334,19 +333,6 @@ def _possible_cpus() -> int:
         a, _, b = part.partition("-")
         n += int(b or a) - int(a) + 1
     return n
-
-
-_shared: SkLookupProgram | None = None
-_shared_lock = threading.Lock()
-
-
-def shared_program(max_pods: int = 1024) -> SkLookupProgram:
-    """This process's program, compiled on first use (about half a second) and reused."""
-    global _shared
-    with _shared_lock:
-        if _shared is None or _shared._closed:
-            _shared = SkLookupProgram(max_pods=max_pods)
-        return _shared
 
 
 # --- bpffs ----------------------------------------------------------------------------------

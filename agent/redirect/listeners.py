@@ -93,21 +93,16 @@ def create_listeners(netns: NetnsRef, backlog: int = LISTEN_BACKLOG) -> PodListe
     return run_in_netns(netns, make)
 
 
-def mesh_socket(
-    netns: NetnsRef, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM
-) -> socket.socket:
-    """A marked socket in the pod's namespace, for the agent's own connections from that pod."""
-
-    def make() -> socket.socket:
-        s = socket.socket(family, type)
-        try:
-            mark_socket(s)
-        except BaseException:
-            s.close()
-            raise
-        return s
-
-    return run_in_netns(netns, make)
+def marked_socket(family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket the capture rules never touch; call it inside a pod's namespace for the agent's own
+    connections from that pod (they leave with the pod's IP)."""
+    s = socket.socket(family, type)
+    try:
+        mark_socket(s)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:

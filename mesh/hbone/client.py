@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from mesh.hbone.connection import HboneConnection
 from mesh.hbone.constants import CLIENT_LIMITS, HboneLimits
 from mesh.hbone.errors import HandshakeError, HboneError
-from mesh.hbone.headers import Authority, Baggage, TraceParent, format_forwarded, parse_authority
+from mesh.hbone.headers import Authority, Baggage, TraceParent, format_forwarded
 from mesh.hbone.metrics import HboneMetrics, default_metrics
 from mesh.hbone.protocol import build_connect_headers
 from mesh.hbone.tls import ContextCache, check_negotiated, server_identity
@@ -140,8 +140,3 @@ class HboneClient:
         return tunnel
 
 
-def parse_dst(value: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(value, tuple):
-        return value
-    a = parse_authority(value)
-    return (a.host, a.port)

@@ -88,12 +88,6 @@ def method_not_allowed(message: str = "the server does not allow this method on 
     return ApiError(405, "MethodNotAllowed", message)
 
 
-def unsupported_media_type(content_type: str, accepted: list[str]) -> ApiError:
-    return ApiError(415, "UnsupportedMediaType",
-                    f"the body of the request was in an unknown format - accepted media types include: "
-                    f"{', '.join(accepted)}; got {content_type!r}")
-
-
 def expired(message: str) -> ApiError:
     """410 Gone: the resourceVersion asked for was compacted away; the client must list again."""
     return ApiError(410, "Expired", message)
