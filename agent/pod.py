@@ -33,6 +33,7 @@ from agent.redirect import MESH_MARK, PodRedirection, original_destination
 from mesh.authz import ConnInfo, authorize
 from mesh.config import MeshSnapshot, Workload
 from mesh.hbone import (
+    Baggage,
     ConnectInfo,
     HboneError,
     HbonePool,
@@ -117,6 +118,7 @@ class PodProxy:
         self.redirection = redirection
         self.ip = str(redirection.pod.ip)
         self.identity = spiffe_of(workload)
+        self.baggage = _baggage(workload)  # what this pod says of itself in every tunnel it opens
         self.stock = SocketStock(redirection.socket_async)
         # Towards the app the client's address is kept (IP_TRANSPARENT); both backends route the app's
         # replies back to the agent's socket. With eBPF the connection must also be announced (below).
@@ -149,6 +151,7 @@ class PodProxy:
 
     def update(self, workload: Workload) -> None:
         self.workload = workload
+        self.baggage = _baggage(workload)
 
     async def stop(self, drain: float = 0.0) -> None:
         """Stop accepting; wait up to `drain` seconds for live connections, then cut what is left."""
@@ -261,9 +264,7 @@ class PodProxy:
                               rec: AccessRecord) -> None:
         ctx = self.ctx
         cert = await self._cert()
-        baggage = workload_baggage(namespace=self.workload.namespace, workload=self.workload.name,
-                                   service=self.workload.canonical_name or self.workload.name)
-        request = TunnelRequest(authority=plan.authority, src_addr=(peer[0], int(peer[1])), baggage=baggage)
+        request = TunnelRequest(authority=plan.authority, src_addr=(peer[0], int(peer[1])), baggage=self.baggage)
         tunnel = await asyncio.wait_for(
             self.pool.connect(cert, plan.dst, plan.identities, request, source_ip=self.ip), ctx.connect_timeout)
         ctx.endpoints.acquire(plan.endpoint_key)
@@ -435,6 +436,10 @@ class PodProxy:
         rec.error = (stats.error or "reset") if stats.reset else ""
         self.ctx.metrics.close(labels, received=stats.received, sent=stats.sent, failed=stats.reset)
         self.ctx.access_log.write(rec)
+
+
+def _baggage(w: Workload) -> Baggage:
+    return workload_baggage(namespace=w.namespace, workload=w.name, service=w.canonical_name or w.name)
 
 
 def _src_port(info: ConnectInfo) -> int:
